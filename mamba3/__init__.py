@@ -1,0 +1,8 @@
+"""mamba3: the Mamba-3 state space model (and its family) in PyTorch + Triton.
+
+Importing this package never requires triton or a GPU; kernels are picked at call time.
+"""
+from .layers import Mamba3, Mamba3Cache
+
+__version__ = "0.1.0"
+__all__ = ["Mamba3", "Mamba3Cache", "__version__"]

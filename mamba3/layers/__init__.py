@@ -1,0 +1,7 @@
+"""nn.Modules sharing one protocol: forward(x, cache=None, cu_seqlens=None) / step(x, cache) /
+allocate_inference_cache(batch_size, max_seqlen, device=, dtype=)."""
+from .cache import LayerCache
+from .mamba3 import Mamba3, Mamba3Cache
+from .norm import RMSNorm, RMSNormGated
+
+__all__ = ["LayerCache", "Mamba3", "Mamba3Cache", "RMSNorm", "RMSNormGated"]

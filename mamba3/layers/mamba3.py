@@ -1,0 +1,318 @@
+"""The Mamba-3 mixer layer (SPEC sections 1, 3, 5), parameter-compatible with the official module.
+
+Forward per token: in_proj -> split [z | x | B | C | dd_dt | dd_A | trap | angles];
+A = -max(f(dd_A), A_floor), dt = softplus(dd_dt + dt_bias); B, C RMS-normed over N, per-head
+biases added; the op applies the rotary phase and the exponential-trapezoidal SSM; the output is
+gated by silu(z) (optionally through the pre-gate grouped RMSNorm) and projected by out_proj.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..ops.conv import causal_conv1d, causal_conv1d_step
+from ..ops.mamba3 import Mamba3State, mamba3_siso, mamba3_siso_step
+from ..ops.mamba3.common import rotate_interleaved
+from ..ops.utils import check_tensor, seq_lengths
+from .cache import LayerCache
+from .norm import RMSNormGated, rms_norm
+
+ROPE_MODES = ("data", "fixed", "none")
+A_ACTIVATIONS = ("softplus", "heavy_tail")
+
+
+@dataclasses.dataclass
+class Mamba3Cache(LayerCache):
+    """angle [B, H, S] fp32; ssm [B, H, P, N] (fp32 default); k [B, R, H, N]; v [B, H, P];
+    conv [B, C, W-1] only for the short-conv ablation (else None)."""
+
+    angle: Tensor
+    ssm: Tensor
+    k: Tensor
+    v: Tensor
+    conv: Optional[Tensor] = None
+
+
+def heavy_tail(u: Tensor) -> Tensor:
+    """Upstream's later A activation: 1 + u for u >= 0, 1 / (1 - u) for u < 0 (positive, smooth)."""
+    return torch.where(u >= 0, 1.0 + u, 1.0 / (1.0 - torch.clamp(u, max=0.0)))
+
+
+class Mamba3(nn.Module):
+    """Mamba-3 mixer. Constructor names, defaults, initialisation and state-dict keys follow the
+    official ``mamba_ssm.modules.mamba3.Mamba3`` so its checkpoints load with strict=True.
+
+    Extensions (keyword-only): ``a_activation`` ("softplus" as in the paper, or "heavy_tail" as in
+    upstream after PR #962), ablation switches ``use_trapezoid`` (False: Euler, lambda = 1),
+    ``rope`` ("data" = data-dependent, "fixed" = standard position RoPE, "none"), ``use_bc_bias``,
+    ``d_conv`` (> 0 adds Mamba-2's short causal conv on x, B, C), and ``impl`` for the op.
+    """
+
+    def __init__(self, d_model: int, d_state: int = 128, expand: int = 2, headdim: int = 64, ngroups: int = 1,
+                 rope_fraction: float = 0.5, dt_min: float = 1e-3, dt_max: float = 0.1,
+                 dt_init_floor: float = 1e-4, A_floor: float = 1e-4, is_outproj_norm: bool = False,
+                 is_mimo: bool = False, mimo_rank: int = 4, fuse_pregate_headwise_norm: bool = True,
+                 chunk_size: int = 64, layer_idx: Optional[int] = None, device=None, dtype=None,
+                 dropout: float = 0.0, n_layer: Optional[int] = None, *,
+                 a_activation: str = "softplus", use_trapezoid: bool = True, rope: str = "data",
+                 use_bc_bias: bool = True, d_conv: int = 0, impl: str = "auto"):
+        super().__init__()
+        fk = dict(device=device, dtype=dtype)
+        for name, val in (("d_model", d_model), ("d_state", d_state), ("expand", expand), ("headdim", headdim),
+                          ("ngroups", ngroups), ("chunk_size", chunk_size)):
+            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        d_inner = expand * d_model
+        if d_inner % headdim != 0:
+            raise ValueError(f"headdim={headdim} must divide d_inner = expand * d_model = {d_inner}")
+        nheads = d_inner // headdim
+        if nheads % ngroups != 0:
+            raise ValueError(f"ngroups={ngroups} must divide the number of heads {nheads}")
+        if rope_fraction not in (0.5, 1.0):
+            raise ValueError(f"rope_fraction must be 0.5 or 1.0, got {rope_fraction}")
+        if d_state % 2 != 0:
+            raise ValueError(f"d_state must be even (rotary pairs), got {d_state}")
+        if rope not in ROPE_MODES:
+            raise ValueError(f"rope must be one of {ROPE_MODES}, got {rope!r}")
+        if a_activation not in A_ACTIVATIONS:
+            raise ValueError(f"a_activation must be one of {A_ACTIVATIONS}, got {a_activation!r}")
+        if not isinstance(mimo_rank, int) or mimo_rank < 1:
+            raise ValueError(f"mimo_rank must be an int >= 1, got {mimo_rank!r}")
+        if d_conv < 0:
+            raise ValueError(f"d_conv must be >= 0, got {d_conv}")
+        self.d_model, self.d_state, self.expand, self.headdim, self.ngroups = d_model, d_state, expand, headdim, ngroups
+        self.d_inner, self.nheads = d_inner, nheads
+        self.rope_fraction, self.A_floor = rope_fraction, A_floor
+        self.is_outproj_norm, self.is_mimo = is_outproj_norm, is_mimo
+        self.mimo_rank = mimo_rank if is_mimo else 1
+        self.fuse_pregate_headwise_norm = fuse_pregate_headwise_norm
+        self.chunk_size, self.layer_idx = chunk_size, layer_idx
+        self.a_activation, self.use_trapezoid, self.rope = a_activation, use_trapezoid, rope
+        self.use_bc_bias, self.d_conv, self.impl = use_bc_bias, d_conv, impl
+        split = int(d_state * rope_fraction)
+        split -= split % 2
+        self.num_rope_angles = split // 2
+        R, G, N, H = self.mimo_rank, ngroups, d_state, nheads
+
+        d_in_proj = 2 * d_inner + 2 * N * G * R + 3 * H + self.num_rope_angles
+        self.in_proj = nn.Linear(d_model, d_in_proj, bias=False, **fk)
+
+        # dt_bias = softplus^{-1}(dt0), dt0 log-uniform in [dt_min, dt_max], floored.
+        dt0 = torch.exp(torch.rand(H, device=device) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt0 = dt0.clamp(min=dt_init_floor)
+        self.dt_bias = nn.Parameter(dt0 + torch.log(-torch.expm1(-dt0)))
+        self.dt_bias._no_weight_decay = True
+
+        if use_bc_bias:
+            self.B_bias = nn.Parameter(torch.ones(H, R, N, device=device, dtype=torch.float32))
+            self.C_bias = nn.Parameter(torch.ones(H, R, N, device=device, dtype=torch.float32))
+        self.B_norm = _NormWeight(N, **fk)
+        self.C_norm = _NormWeight(N, **fk)
+        self.D = nn.Parameter(torch.ones(H, device=device))
+        self.D._no_weight_decay = True
+        if is_mimo:
+            self.mimo_x = nn.Parameter(torch.full((H, R, headdim), 1.0 / R, device=device))
+            self.mimo_z = nn.Parameter(torch.ones(H, R, headdim, device=device))
+            self.mimo_o = nn.Parameter(torch.full((H, R, headdim), 1.0 / R, device=device))
+        if d_conv > 0:
+            conv_dim = d_inner + 2 * N * G * R
+            self.conv1d = nn.Conv1d(conv_dim, conv_dim, d_conv, groups=conv_dim, bias=True, **fk)
+        if is_outproj_norm:
+            self.norm = RMSNormGated(d_inner, eps=1e-5, group_size=headdim, norm_before_gate=True, **fk)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False, **fk)
+        if rope == "fixed":
+            inv = 10000.0 ** (-torch.arange(self.num_rope_angles, dtype=torch.float32) / max(self.num_rope_angles, 1))
+            self.register_buffer("rope_freqs", inv.to(device) if device is not None else inv, persistent=False)
+
+    # ----------------------------------------------------------------------------------------
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: Optional[int] = None, *, device=None,
+                                 dtype=None, state_dtype: Optional[torch.dtype] = None) -> Mamba3Cache:
+        """Fixed-size decode state; ``max_seqlen`` is ignored (memory is constant in length).
+
+        ``state_dtype``: dtype of the SSM state, float32 by default (float64 for a float64 model);
+        bfloat16 halves decode memory traffic at some accuracy cost.
+        """
+        device = self.in_proj.weight.device if device is None else device
+        dtype = self.in_proj.weight.dtype if dtype is None else dtype
+        wide = torch.float64 if dtype == torch.float64 else torch.float32
+        state_dtype = wide if state_dtype is None else state_dtype
+        B, R, H, P, N = batch_size, self.mimo_rank, self.nheads, self.headdim, self.d_state
+        conv = None
+        if self.d_conv > 0:
+            conv = torch.zeros(B, self.conv1d.weight.shape[0], self.d_conv - 1, device=device, dtype=dtype)
+        return Mamba3Cache(
+            angle=torch.zeros(B, H, self.num_rope_angles, device=device, dtype=wide),
+            ssm=torch.zeros(B, H, P, N, device=device, dtype=state_dtype),
+            k=torch.zeros(B, R, H, N, device=device, dtype=dtype),
+            v=torch.zeros(B, H, P, device=device, dtype=dtype),
+            conv=conv,
+        )
+
+    # ----------------------------------------------------------------------------------------
+    def _project(self, u: Tensor, cache: Optional[Mamba3Cache], cu_seqlens: Optional[Tensor], step: bool):
+        """in_proj and everything before the SSM. u: [B, T, D]. Returns a dict of op inputs."""
+        Bsz, T, _ = u.shape
+        H, P, N, G, R, S = self.nheads, self.headdim, self.d_state, self.ngroups, self.mimo_rank, self.num_rope_angles
+        zxbcdt = self.in_proj(u)
+        z, xBC, dd_dt, dd_A, trap, ang = torch.split(
+            zxbcdt, [self.d_inner, self.d_inner + 2 * N * G * R, H, H, H, S], dim=-1)
+        if self.d_conv > 0:
+            w, b = self.conv1d.weight[:, 0], self.conv1d.bias
+            if step:
+                xBC = causal_conv1d_step(xBC[:, 0], w, b, cache.conv, activation="silu").unsqueeze(1)
+            else:
+                xBC, conv_final = causal_conv1d(xBC, w, b, activation="silu",
+                                                initial_state=None if cache is None else cache.conv,
+                                                return_final_state=cache is not None, cu_seqlens=cu_seqlens)
+                if cache is not None:
+                    cache.conv.copy_(conv_final)
+        x, Bp, Cp = torch.split(xBC, [self.d_inner, N * G * R, N * G * R], dim=-1)
+        x = x.reshape(Bsz, T, H, P)
+        z = z.reshape(Bsz, T, H, P)
+        Bp = rms_norm(Bp.reshape(Bsz, T, R, G, N), self.B_norm.weight, 1e-5)
+        Cp = rms_norm(Cp.reshape(Bsz, T, R, G, N), self.C_norm.weight, 1e-5)
+        act = F.softplus if self.a_activation == "softplus" else heavy_tail
+        A = -torch.clamp(act(_f32(dd_A)), min=self.A_floor)                      # [B, T, H], >= fp32
+        dt = F.softplus(_f32(dd_dt) + _f32(self.dt_bias))
+        trap = _f32(trap) if self.use_trapezoid else torch.full_like(_f32(trap), math.inf)
+        if self.use_bc_bias:
+            q_bias, k_bias = self.C_bias, self.B_bias                              # [H, R, N]
+        else:
+            q_bias = k_bias = torch.zeros(H, R, N, device=u.device, dtype=torch.float32)
+        angles = _f32(ang)
+        if self.rope == "none":
+            angles = angles[..., :0]
+        elif self.rope == "fixed":
+            # Standard RoPE: the layer adds the biases and rotates by position; the op sees no phase.
+            pos_phase = self._fixed_phase(Bsz, T, cache, cu_seqlens, u.device)  # [B, T, S]
+            Bp = rotate_interleaved(_add_bias_heads(Bp, k_bias), pos_phase[:, :, None, None, :])
+            Cp = rotate_interleaved(_add_bias_heads(Cp, q_bias), pos_phase[:, :, None, None, :])
+            q_bias = k_bias = torch.zeros(H, R, N, device=u.device, dtype=torch.float32)
+            angles = angles[..., :0]
+        return dict(z=z, x=x, B=Bp, C=Cp, dA=A * dt, dt=dt, trap=trap, angles=angles, q_bias=q_bias, k_bias=k_bias)
+
+    def _fixed_phase(self, Bsz, T, cache, cu_seqlens, device):
+        t = torch.arange(1, T + 1, device=device, dtype=torch.float32)
+        if cu_seqlens is not None:  # positions restart in every packed sequence
+            starts = torch.repeat_interleave(cu_seqlens[:-1].to(device), torch.tensor(seq_lengths(cu_seqlens), device=device))
+            t = t - starts.float()
+        phase = t[None, :, None] * self.rope_freqs[None, None, :]
+        if cache is not None:
+            base = cache.angle[:, 0, :]                                             # [B, S]
+            if cu_seqlens is not None:
+                seq_id = torch.repeat_interleave(torch.arange(len(seq_lengths(cu_seqlens)), device=device),
+                                                 torch.tensor(seq_lengths(cu_seqlens), device=device))
+                phase = phase + base[seq_id].unsqueeze(0)
+            else:
+                phase = phase + base.unsqueeze(1)
+        return torch.remainder(phase.expand(Bsz if cu_seqlens is None else 1, -1, -1), 2 * math.pi)
+
+    def _output(self, y: Tensor, z: Tensor, u: Tensor) -> Tensor:
+        """y: [B, T, H, P] (already gated unless outproj norm) -> [B, T, D]."""
+        if self.is_outproj_norm:
+            y = self.norm(y.flatten(-2), z.flatten(-2))
+        else:
+            y = y.flatten(-2)
+        return self.out_proj(y.to(u.dtype))
+
+    def _op_state(self, cache: Mamba3Cache) -> Mamba3State:
+        angle = cache.angle if self.rope == "data" else cache.angle[..., :0]
+        return Mamba3State(angle=angle, ssm=cache.ssm, k=cache.k[:, 0], v=cache.v)
+
+    def _save_phase(self, cache: Mamba3Cache, p: dict, final: Mamba3State, cu_seqlens) -> None:
+        if self.rope == "data":
+            cache.angle.copy_(final.angle)
+        elif self.rope == "fixed":
+            lengths = None if cu_seqlens is None else seq_lengths(cu_seqlens)
+            T = p["x"].shape[1]
+            if lengths is None:
+                cache.angle.copy_(torch.remainder(cache.angle + T * self.rope_freqs, 2 * math.pi))
+            else:
+                n = torch.tensor(lengths, device=cache.angle.device, dtype=torch.float32)
+                cache.angle.copy_(torch.remainder(cache.angle + n[:, None, None] * self.rope_freqs, 2 * math.pi))
+
+    # ----------------------------------------------------------------------------------------
+    def forward(self, u: Tensor, cache: Optional[Mamba3Cache] = None, cu_seqlens: Optional[Tensor] = None) -> Tensor:
+        """u: [B, T, d_model] -> [B, T, d_model].
+
+        With ``cache``, the sequence continues from the cached state (chunked prefill
+        continuation) and the cache is left at the end of the sequence. With ``cu_seqlens``
+        ([S+1], B = 1) packed sequences are independent; a cache then holds one row per sequence.
+        """
+        self._check_input(u, 3)
+        if self.is_mimo:
+            return self._forward_mimo(u, cache, cu_seqlens)
+        nseq = u.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+        if cache is not None:
+            cache.check_batch(nseq, "input (number of sequences)")
+        p = self._project(u, cache, cu_seqlens, step=False)
+        y, final = mamba3_siso(
+            p["C"][:, :, 0], p["B"][:, :, 0], p["x"], p["dA"], p["dt"], p["trap"], p["q_bias"][:, 0],
+            p["k_bias"][:, 0], p["angles"], self.D, None if self.is_outproj_norm else p["z"],
+            initial_state=None if cache is None else self._op_state(cache), return_final_state=cache is not None,
+            cu_seqlens=cu_seqlens, chunk_size=self.chunk_size, impl=self.impl)
+        if cache is not None:
+            cache.ssm.copy_(final.ssm)
+            cache.k[:, 0].copy_(final.k)
+            cache.v.copy_(final.v)
+            self._save_phase(cache, p, final, cu_seqlens)
+        return self._output(y, p["z"], u)
+
+    def step(self, u: Tensor, cache: Mamba3Cache) -> Tensor:
+        """One decode token: u [B, d_model] or [B, 1, d_model] -> same shape; cache updated in place."""
+        squeeze = u.dim() == 2
+        self._check_input(u.unsqueeze(1) if squeeze else u, 3)
+        if not squeeze and u.shape[1] != 1:
+            raise ValueError(f"step takes one token: u must be [B, d_model] or [B, 1, d_model], got {tuple(u.shape)}")
+        u3 = u.unsqueeze(1) if squeeze else u
+        cache.check_batch(u3.shape[0])
+        if self.is_mimo:
+            out = self._step_mimo(u3, cache)
+        else:
+            p = self._project(u3, cache, None, step=True)
+            y = mamba3_siso_step(
+                p["C"][:, 0, 0], p["B"][:, 0, 0], p["x"][:, 0], p["dA"][:, 0], p["dt"][:, 0], p["trap"][:, 0],
+                p["q_bias"][:, 0], p["k_bias"][:, 0], p["angles"][:, 0], self.D,
+                None if self.is_outproj_norm else p["z"][:, 0], self._op_state(cache),
+                impl="reference" if self.impl in ("reference", "chunked") else "auto")
+            if self.rope == "fixed":
+                cache.angle.copy_(torch.remainder(cache.angle + self.rope_freqs, 2 * math.pi))
+            out = self._output(y.unsqueeze(1), p["z"], u3)
+        return out[:, 0] if squeeze else out
+
+    def _check_input(self, u, ndim):
+        check_tensor("u", u, [("B", None), ("T", None), ("d_model", self.d_model)])
+
+    # MIMO forms live in their own functions (see _forward_mimo / _step_mimo).
+    def _forward_mimo(self, u, cache, cu_seqlens):
+        raise NotImplementedError("MIMO forward is provided by mamba3.ops.mamba3.mimo")
+
+    def _step_mimo(self, u, cache):
+        raise NotImplementedError("MIMO step is provided by mamba3.ops.mamba3.mimo")
+
+
+def _f32(t: Tensor) -> Tensor:
+    """Upcast to float32, keeping float64 (the reference precision) as it is."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _add_bias_heads(X: Tensor, bias: Tensor) -> Tensor:
+    """X: [B, T, R, G, N] + bias [H, R, N] -> [B, T, R, H, N] (heads read their group)."""
+    H = bias.shape[0]
+    G = X.shape[3]
+    Xh = X.repeat_interleave(H // G, dim=3) if G != H else X
+    return Xh + bias.transpose(0, 1).to(Xh.dtype)
+
+
+class _NormWeight(nn.Module):
+    """Holds the learnable RMSNorm weight of size N (state-dict key ``B_norm.weight``)."""
+
+    def __init__(self, d: int, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d, device=device, dtype=dtype))

@@ -1,0 +1,59 @@
+"""RMS norms: plain, and gated/grouped (Mamba-2's RMSNormGated, Mamba-3's pre-gate grouped norm)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
+    """RMSNorm over the last dim, computed in fp32 and cast back to x's dtype."""
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        out = out * weight.to(out.dtype)
+    return out.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """y = x / rms(x) * weight over the last dim (``weight`` of size d)."""
+
+    def __init__(self, d: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d, device=device, dtype=dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class RMSNormGated(nn.Module):
+    """Grouped RMSNorm with a SiLU gate.
+
+    norm_before_gate=True:  y = RMSNorm_g(x) * w * silu(z)      (Mamba-3 pre-gate grouped norm)
+    norm_before_gate=False: y = RMSNorm_g(x * silu(z)) * w      (Mamba-2's RMSNormGated)
+    The RMS statistic is taken over contiguous groups of ``group_size`` channels.
+    """
+
+    def __init__(self, d: int, eps: float = 1e-5, group_size: Optional[int] = None,
+                 norm_before_gate: bool = True, device=None, dtype=None):
+        super().__init__()
+        group_size = d if group_size is None else group_size
+        if d % group_size != 0:
+            raise ValueError(f"group_size={group_size} must divide d={d}")
+        self.eps, self.group_size, self.norm_before_gate = eps, group_size, norm_before_gate
+        self.weight = nn.Parameter(torch.ones(d, device=device, dtype=dtype))
+
+    def forward(self, x: Tensor, z: Optional[Tensor] = None) -> Tensor:
+        dtype = x.dtype
+        x = x.float() if dtype in (torch.float16, torch.bfloat16) else x
+        if z is not None and not self.norm_before_gate:
+            x = x * F.silu(z.to(x.dtype))
+        g = x.unflatten(-1, (-1, self.group_size))
+        x = rms_norm(g, None, self.eps).flatten(-2) * self.weight.to(x.dtype)
+        if z is not None and self.norm_before_gate:
+            x = x * F.silu(z.to(x.dtype))
+        return x.to(dtype)

@@ -1,0 +1,5 @@
+"""Stateless tensor functions. One folder per algorithm: reference, chunked and kernel forms
+behind one dispatching entry point with one signature."""
+from .mamba3 import Mamba3State, mamba3_siso, mamba3_siso_step
+
+__all__ = ["Mamba3State", "mamba3_siso", "mamba3_siso_step"]

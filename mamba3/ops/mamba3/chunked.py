@@ -1,0 +1,145 @@
+"""Mamba-3 SISO, chunked PyTorch path (training form, differentiable by autograd).
+
+Single-SSD fold (SPEC section 2): the trapezoid's previous-token term is folded into a per-token
+scale, so the whole layer is one scalar-decay SSD with a corrected diagonal:
+
+    y_t = sum_{s<t} (q_t . k_s) exp(sum_{r=s+1..t} dA_r) c_s x_s + (D + gamma_t <q_t, k_t>) x_t
+    c_s = gamma_s + (1 - lambda_{s+1}) dt_{s+1}          (second term 0 after the last token)
+
+Inside a chunk this is a masked quadratic form; across chunks the state is passed with a short
+scan. The carried chunk states include the beta part of the chunk's last token (it belongs to the
+next token), so the state after the last token of a sequence is the true h_T.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..utils import compute_dtype, pack_to_padded, padded_to_pack, seq_lengths
+from .common import Mamba3State, angle_increments, cumulative_angles, expand_groups, rotate_interleaved
+
+
+def mamba3_siso_chunked(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D=None, z=None, *,
+                        initial_state: Optional[Mamba3State] = None, return_final_state: bool = False,
+                        cu_seqlens: Optional[Tensor] = None, chunk_size: int = 64):
+    """Chunked Mamba-3 SISO (same signature as :func:`mamba3.ops.mamba3_siso`)."""
+    if cu_seqlens is not None:
+        return _varlen(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state,
+                       return_final_state, cu_seqlens, chunk_size)
+    return _chunked(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state,
+                    return_final_state, chunk_size, lengths=None)
+
+
+def _varlen(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state, return_final_state,
+            cu_seqlens, chunk_size):
+    """Packed sequences -> right-padded batch. Padding uses dt = dA = 0, which leaves the state,
+    the phase and the shifted trapezoid scale untouched, so outputs and final states are exact."""
+    pad = lambda t: None if t is None else pack_to_padded(t, cu_seqlens)
+    lengths = torch.tensor(seq_lengths(cu_seqlens), device=v.device)
+    y, final = _chunked(pad(q), pad(k), pad(v), pad(dA), pad(dt), pad(trap), q_bias, k_bias, pad(angles), D,
+                        pad(z), initial_state, return_final_state, chunk_size, lengths=lengths)
+    return padded_to_pack(y, cu_seqlens), final
+
+
+def _chunked(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state, return_final_state,
+             chunk_size, lengths):
+    B, T, H, P = v.shape
+    N = q.shape[-1]
+    out_dtype = v.dtype
+    cd = compute_dtype(q, k, v, dA, dt)
+    q, k, v, dA, dt, trap, angles = (t.to(cd) for t in (q, k, v, dA, dt, trap, angles))
+    q_bias, k_bias = q_bias.to(cd), k_bias.to(cd)
+
+    # Pre-rotation biased q/k per head, phases, trapezoid coefficients.      [B, T, H, N]
+    qh = expand_groups(q, H) + q_bias
+    kh = expand_groups(k, H) + k_bias
+    init_angle = None if initial_state is None else initial_state.angle.to(cd)
+    theta = cumulative_angles(angle_increments(dt, angles), init_angle)     # [B, T, H, S]
+    qr, kr = rotate_interleaved(qh, theta), rotate_interleaved(kh, theta)
+    lam = torch.sigmoid(trap)                                                 # [B, T, H]
+    gamma = lam * dt
+    shifted = F.pad(((1.0 - lam) * dt)[:, 1:], (0, 0, 0, 1))                # (1-lam_{t+1}) dt_{t+1}
+    if lengths is not None:  # padded varlen: no next token after each sequence's last one
+        valid = torch.arange(T, device=v.device)[None, :] < (lengths[:, None] - 1)
+        shifted = shifted * valid[..., None]
+    c = gamma + shifted
+    diag = gamma * (qh * kh).sum(-1)                                          # un-rotated <q, k>
+
+    # State entering the first chunk: the cache's h plus the beta term of its last token
+    # (which multiplies alpha_0 through the decay below).
+    if initial_state is None:
+        S0 = v.new_zeros(B, H, P, N)
+    else:
+        S0 = initial_state.ssm.to(cd) + (((1.0 - lam[:, 0]) * dt[:, 0])[..., None, None]
+                                         * initial_state.v.to(cd).unsqueeze(-1) * initial_state.k.to(cd).unsqueeze(-2))
+
+    # Pad time to a multiple of the chunk; padding has dA = c = 0 so it changes nothing.
+    C = chunk_size
+    nc = max(1, -(-T // C))
+    padT = nc * C - T
+    padt = lambda t: F.pad(t, (0, 0) * (t.dim() - 2) + (0, padT))
+    qc = padt(qr).view(B, nc, C, H, N)
+    kc = padt(kr * c.unsqueeze(-1)).view(B, nc, C, H, N)
+    vc = padt(v).view(B, nc, C, H, P)
+    a = padt(dA).view(B, nc, C, H)
+    ell = torch.cumsum(a, dim=2)                                              # inclusive, [B, nc, C, H]
+
+    # Intra-chunk: strictly-lower masked scores with decay exp(ell_t - ell_s).
+    scores = torch.einsum("bctHn,bcsHn->bcHts", qc, kc)
+    ellh = ell.permute(0, 1, 3, 2)                                            # [B, nc, H, C]
+    seg = ellh.unsqueeze(-1) - ellh.unsqueeze(-2)                             # [.., t, s]
+    strict = torch.ones(C, C, dtype=torch.bool, device=v.device).tril(-1)
+    decay = torch.exp(torch.where(strict, seg, torch.full_like(seg, -torch.inf)))
+    y = torch.einsum("bcHts,bcsHp->bctHp", scores * decay, vc)
+
+    # Chunk-local states and their scan.                                       [B, nc, H, P, N]
+    last = ell[:, :, -1:, :]                                                  # [B, nc, 1, H]
+    w = torch.exp(last - ell)                                                 # decay to chunk end
+    local = torch.einsum("bcsHp,bcsHn->bcHpn", vc * w.unsqueeze(-1), kc)
+    chunk_decay = torch.exp(last[:, :, 0, :])                                 # [B, nc, H]
+    entering = []
+    S = S0
+    for i in range(nc):
+        entering.append(S)
+        S = chunk_decay[:, i, :, None, None] * S + local[:, i]
+    S_enter = torch.stack(entering, dim=1)                                    # [B, nc, H, P, N]
+    y = y + torch.einsum("bctHn,bcHpn->bctHp", qc, S_enter) * torch.exp(ell).unsqueeze(-1)
+
+    y = y.reshape(B, nc * C, H, P)[:, :T]
+    skip = diag if D is None else diag + D.to(cd)
+    y = y + skip.unsqueeze(-1) * v
+    if z is not None:
+        y = y * F.silu(z.to(cd))
+
+    final = None
+    if return_final_state:
+        final = _final_state(S, theta, kr, v, lengths, cd, out_dtype, initial_state)
+    return y.to(out_dtype), final
+
+
+def _final_state(S, theta, kr, v, lengths, cd, out_dtype, initial_state):
+    B, T = v.shape[:2]
+    state_dtype = torch.float64 if cd == torch.float64 else torch.float32
+    if T == 0:  # nothing consumed: the state passes through
+        if initial_state is not None:
+            return Mamba3State(*initial_state)
+        H, P, N, S_ = kr.shape[2], v.shape[-1], kr.shape[-1], theta.shape[-1]
+        return Mamba3State(theta.new_zeros(B, H, S_, dtype=state_dtype), S.to(state_dtype),
+                           kr.new_zeros(B, H, N, dtype=out_dtype), v.new_zeros(B, H, P, dtype=out_dtype))
+    if lengths is None:
+        idx = torch.full((B,), T - 1, device=v.device, dtype=torch.long)
+    else:
+        idx = (lengths - 1).clamp(min=0)
+    rows = torch.arange(B, device=v.device)
+    angle, k_last, v_last = theta[rows, idx], kr[rows, idx], v[rows, idx]
+    if lengths is not None and bool((lengths == 0).any()):  # empty sequences keep their state
+        empty = (lengths == 0)[:, None, None]
+        keep = lambda cur, init: torch.where(empty, torch.zeros_like(cur) if init is None else init.to(cd), cur)
+        angle = keep(angle, None if initial_state is None else initial_state.angle)
+        k_last = keep(k_last, None if initial_state is None else initial_state.k)
+        v_last = keep(v_last, None if initial_state is None else initial_state.v)
+    return Mamba3State(angle=angle.to(state_dtype), ssm=S.to(state_dtype),
+                       k=k_last.to(out_dtype), v=v_last.to(out_dtype))
