@@ -50,6 +50,13 @@ def _chunked(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state,
     N = q.shape[-1]
     out_dtype = v.dtype
     cd = compute_dtype(q, k, v, dA, dt)
+    if T == 0:  # nothing to consume: empty output, the state passes through unchanged
+        final = None
+        if return_final_state:
+            final = initial_state if initial_state is not None else Mamba3State(
+                v.new_zeros(B, H, angles.shape[-1], dtype=torch.float32), v.new_zeros(B, H, P, N, dtype=torch.float32),
+                v.new_zeros(B, H, N), v.new_zeros(B, H, P))
+        return v.new_zeros(B, 0, H, P), final
     q, k, v, dA, dt, trap, angles = (t.to(cd) for t in (q, k, v, dA, dt, trap, angles))
     q_bias, k_bias = q_bias.to(cd), k_bias.to(cd)
 
@@ -123,12 +130,6 @@ def _chunked(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state,
 def _final_state(S, theta, kr, v, lengths, cd, out_dtype, initial_state):
     B, T = v.shape[:2]
     state_dtype = torch.float64 if cd == torch.float64 else torch.float32
-    if T == 0:  # nothing consumed: the state passes through
-        if initial_state is not None:
-            return Mamba3State(*initial_state)
-        H, P, N, S_ = kr.shape[2], v.shape[-1], kr.shape[-1], theta.shape[-1]
-        return Mamba3State(theta.new_zeros(B, H, S_, dtype=state_dtype), S.to(state_dtype),
-                           kr.new_zeros(B, H, N, dtype=out_dtype), v.new_zeros(B, H, P, dtype=out_dtype))
     if lengths is None:
         idx = torch.full((B,), T - 1, device=v.device, dtype=torch.long)
     else:
