@@ -1,5 +1,6 @@
 """Stateless tensor functions. One folder per algorithm: reference, chunked and kernel forms
 behind one dispatching entry point with one signature."""
 from .mamba3 import Mamba3State, mamba3_siso, mamba3_siso_step
+from .mamba3 import mamba3_mimo, mamba3_mimo_step
 
-__all__ = ["Mamba3State", "mamba3_siso", "mamba3_siso_step"]
+__all__ = ["Mamba3State", "mamba3_siso", "mamba3_siso_step", "mamba3_mimo", "mamba3_mimo_step"]
