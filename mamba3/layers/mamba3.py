@@ -18,7 +18,8 @@ from torch import Tensor
 
 from ..ops.conv import causal_conv1d, causal_conv1d_step
 from ..ops.mamba3 import Mamba3State, mamba3_siso, mamba3_siso_step
-from ..ops.mamba3.common import rotate_interleaved
+from ..ops.mamba3 import mamba3_mimo, mamba3_mimo_step
+from ..ops.mamba3.common import rotate_halves, rotate_interleaved
 from ..ops.utils import check_tensor, seq_lengths
 from .cache import LayerCache
 from .norm import RMSNormGated, rms_norm
@@ -191,8 +192,9 @@ class Mamba3(nn.Module):
         elif self.rope == "fixed":
             # Standard RoPE: the layer adds the biases and rotates by position; the op sees no phase.
             pos_phase = self._fixed_phase(Bsz, T, cache, cu_seqlens, u.device)  # [B, T, S]
-            Bp = rotate_interleaved(_add_bias_heads(Bp, k_bias), pos_phase[:, :, None, None, :])
-            Cp = rotate_interleaved(_add_bias_heads(Cp, q_bias), pos_phase[:, :, None, None, :])
+            rotate = rotate_halves if self.is_mimo else rotate_interleaved  # MIMO: split-half pairs
+            Bp = rotate(_add_bias_heads(Bp, k_bias), pos_phase[:, :, None, None, :])
+            Cp = rotate(_add_bias_heads(Cp, q_bias), pos_phase[:, :, None, None, :])
             q_bias = k_bias = torch.zeros(H, R, N, device=u.device, dtype=torch.float32)
             angles = angles[..., :0]
         return dict(z=z, x=x, B=Bp, C=Cp, dA=A * dt, dt=dt, trap=trap, angles=angles, q_bias=q_bias, k_bias=k_bias)
@@ -289,12 +291,49 @@ class Mamba3(nn.Module):
     def _check_input(self, u, ndim):
         check_tensor("u", u, [("B", None), ("T", None), ("d_model", self.d_model)])
 
-    # MIMO forms live in their own functions (see _forward_mimo / _step_mimo).
+    # MIMO forms (SPEC section 4). The op applies psi/zeta/phi, the per-rank pre-gate RMSNorm
+    # (self.norm.weight viewed [H, P], fused before the gate) and the gate, so _output is bypassed.
+    # There is no MIMO Triton kernel: impl "triton"/"auto" both run the chunked PyTorch path.
     def _forward_mimo(self, u, cache, cu_seqlens):
-        raise NotImplementedError("MIMO forward is provided by mamba3.ops.mamba3.mimo")
+        nseq = u.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+        if cache is not None:
+            cache.check_batch(nseq, "input (number of sequences)")
+        p = self._project(u, cache, cu_seqlens, step=False)
+        state = None
+        if cache is not None:
+            angle = cache.angle if self.rope == "data" else cache.angle[..., :0]
+            state = Mamba3State(angle=angle, ssm=cache.ssm, k=cache.k, v=cache.v)
+        norm = {}
+        if self.is_outproj_norm:
+            norm = dict(outproj_norm_weight=self.norm.weight.view(self.nheads, self.headdim),
+                        outproj_norm_eps=self.norm.eps)
+        y, final = mamba3_mimo(
+            p["C"], p["B"], p["x"], p["dA"], p["dt"], p["trap"], p["q_bias"], p["k_bias"], p["angles"],
+            self.mimo_x, self.mimo_z, self.mimo_o, self.D, p["z"], initial_state=state,
+            return_final_state=cache is not None, cu_seqlens=cu_seqlens, chunk_size=self.chunk_size,
+            impl=self.impl if self.impl in ("reference", "chunked") else "auto", **norm)
+        if cache is not None:
+            cache.ssm.copy_(final.ssm)
+            cache.k.copy_(final.k)
+            cache.v.copy_(final.v)
+            self._save_phase(cache, p, final, cu_seqlens)
+        return self.out_proj(y.flatten(-2).to(u.dtype))
 
     def _step_mimo(self, u, cache):
-        raise NotImplementedError("MIMO step is provided by mamba3.ops.mamba3.mimo")
+        p = self._project(u, cache, None, step=True)
+        angle = cache.angle if self.rope == "data" else cache.angle[..., :0]
+        state = Mamba3State(angle=angle, ssm=cache.ssm, k=cache.k, v=cache.v)
+        norm = {}
+        if self.is_outproj_norm:
+            norm = dict(outproj_norm_weight=self.norm.weight.view(self.nheads, self.headdim),
+                        outproj_norm_eps=self.norm.eps)
+        y = mamba3_mimo_step(
+            p["C"][:, 0], p["B"][:, 0], p["x"][:, 0], p["dA"][:, 0], p["dt"][:, 0], p["trap"][:, 0],
+            p["q_bias"], p["k_bias"], p["angles"][:, 0], self.mimo_x, self.mimo_z, self.mimo_o, self.D,
+            p["z"][:, 0], state, **norm)
+        if self.rope == "fixed":
+            cache.angle.copy_(torch.remainder(cache.angle + self.rope_freqs, 2 * math.pi))
+        return self.out_proj(y.flatten(-2).unsqueeze(1).to(u.dtype))
 
 
 def _f32(t: Tensor) -> Tensor:
