@@ -7,15 +7,25 @@ allocated once, updated in place (so a decode step can be captured in a CUDA gra
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
+Rows = Union[None, int, Sequence[int], Tensor]
+
+
+def _rows_index(rows: Rows, device) -> Optional[Tensor]:
+    if rows is None:
+        return None
+    if isinstance(rows, int):
+        rows = [rows]
+    return torch.as_tensor(rows, dtype=torch.long, device=device)
+
 
 @dataclasses.dataclass
 class LayerCache:
-    """Base class: tensor fields with batch first; ``seqlen`` counts tokens consumed per row."""
+    """Base class: tensor fields with batch first."""
 
     def tensors(self) -> Iterator[tuple[str, Tensor]]:
         for f in dataclasses.fields(self):
@@ -45,3 +55,36 @@ class LayerCache:
     def check_batch(self, batch: int, what: str = "input") -> None:
         if self.batch_size != batch:
             raise ValueError(f"cache holds batch {self.batch_size} but the {what} has batch {batch}")
+
+    # ---------------------------------------------------------------- snapshots
+    def snapshot(self, rows: Rows = None, *, to_cpu: bool = False) -> dict[str, Tensor]:
+        """Copy of the state of ``rows`` (all rows by default): a dict of tensors, batch first.
+
+        Stays on the cache's device unless ``to_cpu`` (no host copy on GPU by default). Restoring
+        it later resumes exactly where the snapshot was taken. Caches whose size grows with the
+        position (attention KV) override this to copy only what has been written.
+        """
+        out = {}
+        for name, t in self.tensors():
+            idx = _rows_index(rows, t.device)
+            s = t.detach().clone() if idx is None else t.detach().index_select(0, idx)
+            out[name] = s.cpu() if to_cpu else s
+        return out
+
+    def restore(self, snap: dict[str, Tensor], rows: Rows = None) -> None:
+        """Write a snapshot back (into ``rows``, or all rows), in place."""
+        names = {n for n, _ in self.tensors()}
+        if set(snap) != names:
+            raise ValueError(f"snapshot holds {sorted(snap)} but this cache has {sorted(names)}")
+        for name, t in self.tensors():
+            src = snap[name].to(t.device, t.dtype)
+            idx = _rows_index(rows, t.device)
+            if idx is None:
+                if src.shape != t.shape:
+                    raise ValueError(f"snapshot.{name} has shape {tuple(src.shape)}, cache needs {tuple(t.shape)}")
+                t.copy_(src)
+            else:
+                if src.shape[1:] != t.shape[1:] or src.shape[0] != idx.numel():
+                    raise ValueError(f"snapshot.{name} has shape {tuple(src.shape)}, cache rows need "
+                                     f"{(idx.numel(),) + tuple(t.shape[1:])}")
+                t.index_copy_(0, idx, src)
