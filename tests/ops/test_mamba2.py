@@ -1,0 +1,169 @@
+"""Mamba-2 SSD op: chunked vs float64 token loop, step, continuation, varlen, and SSD == Mamba-3
+with lambda = 1, no rotation and no biases."""
+import math
+
+import pytest
+import torch
+
+from mamba3.ops.mamba2 import ssd, ssd_step
+from mamba3.ops.mamba3 import Mamba3State, mamba3_siso
+
+F64 = torch.float64
+
+
+def make(Bs=2, T=13, H=4, P=3, G=2, N=5, dtype=F64, seed=0, gate=False, D2=False):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)
+    x, B, C = r(Bs, T, H, P), r(Bs, T, G, N), r(Bs, T, G, N)
+    dt = torch.rand(Bs, T, H, generator=g, dtype=dtype) * 0.5 + 0.05
+    A = -(torch.rand(H, generator=g, dtype=dtype) * 2 + 0.1)
+    D = r(H, P) if D2 else r(H)
+    z = r(Bs, T, H, P) if gate else None
+    return x, dt, A, B, C, D, z
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 5, 64])
+@pytest.mark.parametrize("gate,D2", [(False, False), (True, True)])
+def test_chunked_matches_reference(chunk, gate, D2):
+    x, dt, A, B, C, D, z = make(gate=gate, D2=D2)
+    s0 = torch.randn(2, 4, 3, 5, dtype=F64)
+    yr, sr = ssd(x, dt, A, B, C, D, z, initial_state=s0, return_final_state=True, impl="reference")
+    yc, sc = ssd(x, dt, A, B, C, D, z, initial_state=s0, return_final_state=True, chunk_size=chunk)
+    torch.testing.assert_close(yc, yr, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(sc, sr, rtol=1e-10, atol=1e-10)
+
+
+def test_float32_close_to_float64():
+    args = make(T=40)
+    yr, sr = ssd(*args, return_final_state=True, impl="reference")
+    y32, s32 = ssd(*(a.float() for a in args[:6]), None, return_final_state=True, chunk_size=16)
+    assert y32.dtype == torch.float32 and s32.dtype == torch.float32
+    torch.testing.assert_close(y32.double(), yr, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s32.double(), sr, rtol=1e-4, atol=1e-4)
+
+
+def test_gradcheck_chunked():
+    x, dt, A, B, C, D, z = make(Bs=1, T=6, H=2, P=2, G=1, N=3, gate=True)
+    s0 = torch.randn(1, 2, 2, 3, dtype=F64)
+    inputs = [t.clone().requires_grad_() for t in (x, dt, A, B, C, D, z, s0)]
+
+    def f(x, dt, A, B, C, D, z, s0):
+        y, s = ssd(x, dt, A, B, C, D, z, initial_state=s0, return_final_state=True, chunk_size=4)
+        return y, s
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+def test_step_loop_matches_forward():
+    x, dt, A, B, C, D, z = make(gate=True)
+    y, s = ssd(x, dt, A, B, C, D, z, return_final_state=True, chunk_size=4)
+    state = torch.zeros(2, 4, 3, 5, dtype=F64)
+    ys = torch.stack([ssd_step(x[:, t], dt[:, t], A, B[:, t], C[:, t], D, z[:, t], state)
+                      for t in range(x.shape[1])], dim=1)
+    torch.testing.assert_close(ys, y, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(state, s, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("split", [1, 4, 8, 9])
+def test_prefix_continuation_equals_whole(split):
+    x, dt, A, B, C, D, z = make(T=16)
+    y, s = ssd(x, dt, A, B, C, D, return_final_state=True, chunk_size=4)
+    sl = lambda t, a, b: t[:, a:b]
+    y1, s1 = ssd(sl(x, 0, split), sl(dt, 0, split), A, sl(B, 0, split), sl(C, 0, split), D,
+                 return_final_state=True, chunk_size=4)
+    y2, s2 = ssd(sl(x, split, 16), sl(dt, split, 16), A, sl(B, split, 16), sl(C, split, 16), D,
+                 initial_state=s1, return_final_state=True, chunk_size=4)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(s2, s, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
+def test_varlen_equals_per_sequence(impl):
+    lengths = [5, 0, 9, 3]
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    x, dt, A, B, C, D, z = make(Bs=1, T=sum(lengths), gate=True)
+    s0 = torch.randn(len(lengths), 4, 3, 5, dtype=F64)
+    y, s = ssd(x, dt, A, B, C, D, z, initial_state=s0, return_final_state=True, cu_seqlens=cu,
+               chunk_size=4, impl=impl)
+    for i, n in enumerate(lengths):
+        a = int(cu[i])
+        sl = lambda t: t[:, a : a + n]
+        yi, si = ssd(sl(x), sl(dt), A, sl(B), sl(C), D, sl(z), initial_state=s0[i : i + 1],
+                     return_final_state=True, impl="reference")
+        torch.testing.assert_close(y[:, a : a + n], yi, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(s[i : i + 1], si, rtol=1e-10, atol=1e-10)
+
+
+def test_ssd_equals_mamba3_with_lambda_one_no_rotation_no_bias():
+    """Mamba-2 and Mamba-3 share one recurrence: trap = +inf (lambda = 1), S = 0 angles, zero
+    biases, dA = dt * A, q = C, k = B."""
+    x, dt, A, B, C, D, z = make(T=11, gate=True)
+    Bs, T, H, P = x.shape
+    N = B.shape[-1]
+    s0 = torch.randn(Bs, H, P, N, dtype=F64)
+    y2, s2 = ssd(x, dt, A, B, C, D, z, initial_state=s0, return_final_state=True, chunk_size=4)
+    zeros = torch.zeros(H, N, dtype=F64)
+    init3 = Mamba3State(angle=torch.zeros(Bs, H, 0, dtype=F64), ssm=s0,
+                        k=torch.zeros(Bs, H, N, dtype=F64), v=torch.zeros(Bs, H, P, dtype=F64))
+    for impl in ("reference", "chunked"):
+        y3, s3 = mamba3_siso(C, B, x, dt * A, dt, torch.full_like(dt, math.inf), zeros, zeros,
+                             torch.zeros(Bs, T, 0, dtype=F64), D, z, initial_state=init3,
+                             return_final_state=True, chunk_size=4, impl=impl)
+        torch.testing.assert_close(y3, y2, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(s3.ssm, s2, rtol=1e-10, atol=1e-10)
+
+
+def test_empty_sequence_passes_state_through():
+    x, dt, A, B, C, D, z = make(T=0)
+    s0 = torch.randn(2, 4, 3, 5, dtype=F64)
+    for impl in ("reference", "chunked"):
+        y, s = ssd(x, dt, A, B, C, D, initial_state=s0, return_final_state=True, impl=impl)
+        assert y.shape == (2, 0, 4, 3)
+        torch.testing.assert_close(s, s0)
+
+
+def test_bfloat16_inputs_return_bfloat16():
+    x, dt, A, B, C, D, z = make(dtype=torch.float32)
+    y, s = ssd(x.bfloat16(), dt, A, B.bfloat16(), C.bfloat16(), D, return_final_state=True)
+    assert y.dtype == torch.bfloat16 and s.dtype == torch.float32
+    yr, _ = ssd(x.bfloat16().double(), dt.double(), A.double(), B.bfloat16().double(), C.bfloat16().double(),
+                D.double(), impl="reference")
+    torch.testing.assert_close(y.double(), yr, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("mutate,exc,match", [
+    (lambda a: a.update(x=a["x"][..., 0]), ValueError, r"x must have 4 dims \[B, T, H, P\]"),
+    (lambda a: a.update(dt=a["dt"][:, :-1]), ValueError, r"dt must have shape \[B, T, H\]"),
+    (lambda a: a.update(A=a["A"][:-1]), ValueError, r"A must have shape \[H\]"),
+    (lambda a: a.update(B=torch.randn(2, 13, 3, 5, dtype=F64), C=torch.randn(2, 13, 3, 5, dtype=F64)),
+     ValueError, r"number of groups G=3 .* must divide the number of heads H=4"),
+    (lambda a: a.update(C=a["C"][..., :-1]), ValueError, r"C must have shape \[B, T, G, N\]"),
+    (lambda a: a.update(D=torch.ones(3, dtype=F64)), ValueError, r"D must have shape \[H\]"),
+    (lambda a: a.update(D=torch.ones(4, 2, dtype=F64)), ValueError, r"D must have shape \[H, P\]"),
+    (lambda a: a.update(z=torch.ones(2, 13, 4, 2, dtype=F64)), ValueError, r"z must have shape \[B, T, H, P\]"),
+    (lambda a: a.update(x=a["x"].long()), TypeError, r"x must have dtype in"),
+    (lambda a: a.update(x=[1.0]), TypeError, r"x must be a torch.Tensor"),
+    (lambda a: a.update(initial_state=torch.zeros(2, 4, 3, 4, dtype=F64)), ValueError,
+     r"initial_state must have shape \[B, H, P, N\]"),
+    (lambda a: a.update(chunk_size=0), ValueError, r"chunk_size must be a positive int"),
+    (lambda a: a.update(impl="triton"), ValueError, r"impl must be one of \['auto', 'reference', 'chunked'\]"),
+    (lambda a: a.update(cu_seqlens=torch.tensor([0, 13], dtype=torch.int32)), ValueError,
+     r"with cu_seqlens the batch dimension must be 1"),
+])
+def test_validation_errors(mutate, exc, match):
+    x, dt, A, B, C, D, z = make()
+    a = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=None, initial_state=None, chunk_size=4, impl="auto",
+             cu_seqlens=None)
+    mutate(a)
+    with pytest.raises(exc, match=match):
+        ssd(a["x"], a["dt"], a["A"], a["B"], a["C"], a["D"], a["z"], initial_state=a["initial_state"],
+            chunk_size=a["chunk_size"], impl=a["impl"], cu_seqlens=a["cu_seqlens"])
+
+
+def test_step_validation_errors():
+    x, dt, A, B, C, D, z = make()
+    state = torch.zeros(2, 4, 3, 5, dtype=F64)
+    with pytest.raises(ValueError, match=r"state must have shape \[B, H, P, N\]"):
+        ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, None, state[..., :-1])
+    with pytest.raises(ValueError, match=r"dt must have shape \[B, H\]"):
+        ssd_step(x[:, 0], dt[:, 0, :-1], A, B[:, 0], C[:, 0], D, None, state)
