@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ... import debug
 from ..utils import check_impl, check_tensor
 from .chunked import mamba3_siso_chunked
 from .common import Mamba3State, _validate_angles, validate_siso, validate_state
@@ -69,14 +70,18 @@ def mamba3_siso(q: Tensor, k: Tensor, v: Tensor, dA: Tensor, dt: Tensor, trap: T
     kw = dict(initial_state=initial_state, return_final_state=return_final_state, cu_seqlens=cu_seqlens,
               chunk_size=chunk_size)
     if impl == "reference":
-        return mamba3_siso_reference(*args, **kw)
-    if impl == "chunked":
-        return mamba3_siso_chunked(*args, **kw)
-    if not triton_available(v.device):
-        raise ValueError("impl='triton' needs CUDA tensors and an importable triton (>= 3.5); "
-                         "use impl='chunked' on CPU")
-    from .triton_siso import mamba3_siso_triton
-    return mamba3_siso_triton(*args, **kw)
+        out = mamba3_siso_reference(*args, **kw)
+    elif impl == "chunked":
+        out = mamba3_siso_chunked(*args, **kw)
+    else:
+        if not triton_available(v.device):
+            raise ValueError("impl='triton' needs CUDA tensors and an importable triton (>= 3.5); "
+                             "use impl='chunked' on CPU")
+        from .triton_siso import mamba3_siso_triton
+        out = mamba3_siso_triton(*args, **kw)
+    if debug.enabled():
+        debug.check_op(f"mamba3_siso[{impl}]", (args, initial_state), out)
+    return out
 
 
 def mamba3_siso_step(q: Tensor, k: Tensor, v: Tensor, dA: Tensor, dt: Tensor, trap: Tensor,
