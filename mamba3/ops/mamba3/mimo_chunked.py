@@ -74,7 +74,7 @@ def _chunked(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo
         Y_diag = Y_diag + D.to(cd)[:, None] * X
 
     # State entering the first chunk: h_prev plus the beta term of the cache's last token.
-    if initial_state is None:
+    if initial_state is None or T == 0:
         S0 = v.new_zeros(B, H, P, N)
     else:
         X_prev = psi * initial_state.v.to(cd).unsqueeze(1)                    # [B, R, H, P]
