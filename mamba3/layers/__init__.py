@@ -3,5 +3,6 @@ allocate_inference_cache(batch_size, max_seqlen, device=, dtype=)."""
 from .cache import LayerCache
 from .mamba3 import Mamba3, Mamba3Cache
 from .norm import RMSNorm, RMSNormGated
+from .s4d import S4D, S4DCache
 
-__all__ = ["LayerCache", "Mamba3", "Mamba3Cache", "RMSNorm", "RMSNormGated"]
+__all__ = ["S4D", "S4DCache", "LayerCache", "Mamba3", "Mamba3Cache", "RMSNorm", "RMSNormGated"]
