@@ -66,6 +66,15 @@ class InferenceCache:
         if self.batch_size != batch:
             raise ValueError(f"cache holds batch {self.batch_size} but the {what} has batch {batch}")
 
+    def rows(self, index: slice | int) -> "InferenceCache":
+        """A view of some rows (a slice or one row): writes through to this cache."""
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            raise ValueError(f"rows takes an int or a contiguous slice, got {index!r}")
+        layers = [dataclasses.replace(c, **{n: t[index] for n, t in c.tensors()}) for c in self.layers]
+        return InferenceCache(layers, self.lengths[index], self.max_seqlen)
+
     def advance(self, n: int | Tensor, rows: Optional[Tensor] = None) -> None:
         """Record that ``n`` more tokens were consumed (by ``rows``, default all)."""
         if rows is None:

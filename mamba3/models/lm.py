@@ -153,9 +153,30 @@ class LanguageModel(nn.Module):
             dt = getattr(input_ids, "dtype", None)
             raise ValueError(f"input_ids must be an integer tensor {want}, got shape {got} dtype {dt}")
 
-    def _logits(self, h: Tensor) -> Tensor:
+    def logits_from_hidden(self, h: Tensor) -> Tensor:
         x = self.backbone.norm_f(h).to(self.lm_head.weight.dtype)
         return self.lm_head(x)[..., : self.config.vocab_size]
+
+    def hidden_states(self, input_ids: Tensor, cache: Optional[InferenceCache] = None,
+                      cu_seqlens: Optional[Tensor] = None) -> Tensor:
+        """Residual stream after the last block (before norm_f): [B, T, D] (fp32 if residual_in_fp32)."""
+        self._check_ids(input_ids, 2)
+        if cu_seqlens is not None and input_ids.shape[0] != 1:
+            raise ValueError(f"with cu_seqlens input_ids must be [1, total], got {tuple(input_ids.shape)}")
+        if cache is not None:
+            cache.check_batch(input_ids.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1,
+                              "input (number of sequences)")
+        h = self.backbone.embedding(input_ids)
+        if self.config.residual_in_fp32:
+            h = h.float() if h.dtype != torch.float64 else h
+        for i, block in enumerate(self.backbone.layers):
+            h = block(h, cache=None if cache is None else cache.layers[i], cu_seqlens=cu_seqlens)
+        if cache is not None:
+            if cu_seqlens is None:
+                cache.advance(input_ids.shape[1])
+            else:
+                cache.lengths.add_((cu_seqlens[1:] - cu_seqlens[:-1]).to(cache.lengths))
+        return h
 
     def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None, cache: Optional[InferenceCache] = None,
                 cu_seqlens: Optional[Tensor] = None, num_last_tokens: int = 0) -> LMOutput:
@@ -167,22 +188,10 @@ class LanguageModel(nn.Module):
         B = 1 and the cache has one row per packed sequence). num_last_tokens > 0: only the last
         positions' logits (prefill).
         """
-        self._check_ids(input_ids, 2)
-        if cu_seqlens is not None and input_ids.shape[0] != 1:
-            raise ValueError(f"with cu_seqlens input_ids must be [1, total], got {tuple(input_ids.shape)}")
-        h = self.backbone.embedding(input_ids)
-        if self.config.residual_in_fp32:
-            h = h.float() if h.dtype != torch.float64 else h
-        for i, block in enumerate(self.backbone.layers):
-            h = block(h, cache=None if cache is None else cache.layers[i], cu_seqlens=cu_seqlens)
-        if cache is not None:
-            if cu_seqlens is None:
-                cache.advance(input_ids.shape[1])
-            else:
-                cache.lengths.add_((cu_seqlens[1:] - cu_seqlens[:-1]).to(cache.lengths))
+        h = self.hidden_states(input_ids, cache=cache, cu_seqlens=cu_seqlens)
         if num_last_tokens > 0:
             h = h[:, -num_last_tokens:]
-        logits = self._logits(h)
+        logits = self.logits_from_hidden(h)
         loss = None
         if labels is not None:
             if num_last_tokens > 0:
@@ -202,7 +211,7 @@ class LanguageModel(nn.Module):
         for i, block in enumerate(self.backbone.layers):
             h = block.step(h, cache.layers[i])
         cache.advance(1)
-        return self._logits(h)
+        return self.logits_from_hidden(h)
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, *, dtype=None,
                                  state_dtype=None, device=None) -> InferenceCache:
