@@ -1,0 +1,155 @@
+"""Causal multi-head / grouped-query attention mixer (SPEC section 11) on the layer protocol.
+
+Parameters follow mamba_ssm's ``MHA``: ``in_proj`` (fused q | k | v, q first, then Hkv key heads,
+then Hkv value heads) and ``out_proj``. Positions: RoPE (non-interleaved halves, base 10000) or
+none (NoPE, as in the paper's hybrids). Optional sliding window. The KV cache is preallocated to
+``max_seqlen`` with a per-row length counter; a forward with a cache continues every row from its
+own length (chunked prefill), ``step`` appends one token.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..ops.attention import apply_rope, attention
+from ..ops.utils import check_tensor, pack_to_padded, padded_to_pack, seq_lengths
+from .cache import LayerCache
+
+
+@dataclasses.dataclass
+class AttentionCache(LayerCache):
+    """k, v [B, max_seqlen, Hkv, D] (positions 0..seqlen-1 valid); seqlen [B] int64 tokens consumed."""
+
+    k: Tensor
+    v: Tensor
+    seqlen: Tensor
+
+    @property
+    def max_seqlen(self) -> int:
+        return self.k.shape[1]
+
+
+class Attention(nn.Module):
+    """Causal attention layer: forward(x, cache=None, cu_seqlens=None) / step(x, cache).
+
+    Args:
+        d_model: model width (first positional, as for every mixer).
+        num_heads: query heads; num_kv_heads: key/value heads (default num_heads; GQA when fewer).
+        head_dim: per-head dim (default d_model // num_heads).
+        rope: rotary position embedding on q and k (False = NoPE); rope_base: its theta.
+        window: sliding window (each token sees the last ``window`` positions, itself included).
+        qkv_bias, out_bias: biases of in_proj / out_proj.
+        impl: attention op impl ("auto" = SDPA, or "reference").
+    """
+
+    def __init__(self, d_model: int, num_heads: int = 8, num_kv_heads: Optional[int] = None,
+                 head_dim: Optional[int] = None, rope: bool = True, rope_base: float = 10000.0,
+                 window: Optional[int] = None, qkv_bias: bool = False, out_bias: bool = False,
+                 layer_idx: Optional[int] = None, device=None, dtype=None, *, impl: str = "auto"):
+        super().__init__()
+        fk = dict(device=device, dtype=dtype)
+        for name, val in (("d_model", d_model), ("num_heads", num_heads)):
+            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if not isinstance(num_kv_heads, int) or num_kv_heads < 1 or num_heads % num_kv_heads != 0:
+            raise ValueError(f"num_kv_heads={num_kv_heads} must be a positive divisor of num_heads={num_heads}")
+        if head_dim is None:
+            if d_model % num_heads != 0:
+                raise ValueError(f"num_heads={num_heads} must divide d_model={d_model} (or pass head_dim)")
+            head_dim = d_model // num_heads
+        if rope and head_dim % 2 != 0:
+            raise ValueError(f"rope needs an even head_dim, got {head_dim}")
+        if window is not None and (not isinstance(window, int) or window < 1):
+            raise ValueError(f"window must be None or a positive int, got {window!r}")
+        self.d_model, self.num_heads, self.num_kv_heads, self.head_dim = d_model, num_heads, num_kv_heads, head_dim
+        self.rope, self.rope_base, self.window, self.layer_idx, self.impl = rope, rope_base, window, layer_idx, impl
+        qkv_dim = head_dim * (num_heads + 2 * num_kv_heads)
+        self.in_proj = nn.Linear(d_model, qkv_dim, bias=qkv_bias, **fk)
+        self.out_proj = nn.Linear(head_dim * num_heads, d_model, bias=out_bias, **fk)
+
+    # ----------------------------------------------------------------------------------------
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: Optional[int] = None, *, device=None,
+                                 dtype=None) -> AttentionCache:
+        """KV cache for ``max_seqlen`` tokens per row (required: attention memory grows with length)."""
+        if max_seqlen is None or not isinstance(max_seqlen, int) or max_seqlen < 1:
+            raise ValueError(f"Attention.allocate_inference_cache needs max_seqlen (a positive int: the KV "
+                             f"cache is preallocated to that length), got {max_seqlen!r}")
+        device = self.in_proj.weight.device if device is None else device
+        dtype = self.in_proj.weight.dtype if dtype is None else dtype
+        shape = (batch_size, max_seqlen, self.num_kv_heads, self.head_dim)
+        return AttentionCache(k=torch.zeros(shape, device=device, dtype=dtype),
+                              v=torch.zeros(shape, device=device, dtype=dtype),
+                              seqlen=torch.zeros(batch_size, device=device, dtype=torch.long))
+
+    # ----------------------------------------------------------------------------------------
+    def _qkv(self, x: Tensor):
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.in_proj(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        return q.unflatten(-1, (H, D)), k.unflatten(-1, (Hkv, D)), v.unflatten(-1, (Hkv, D))
+
+    def _rope(self, t: Tensor, positions: Tensor) -> Tensor:
+        return apply_rope(t, positions, self.rope_base) if self.rope else t
+
+    def forward(self, x: Tensor, cache: Optional[AttentionCache] = None,
+                cu_seqlens: Optional[Tensor] = None) -> Tensor:
+        """x: [B, T, d_model] -> [B, T, d_model]. With ``cache`` each row continues from its cached
+        length and its keys/values are appended. With ``cu_seqlens`` ([S+1], B = 1) packed sequences
+        are independent (positions restart at 0, or at each row's cache length)."""
+        check_tensor("x", x, [("B", None), ("T", None), ("d_model", self.d_model)])
+        q, k, v = self._qkv(x)
+        if cache is None:
+            T = x.shape[1]
+            if cu_seqlens is None:
+                pos = torch.arange(T, device=x.device)
+            else:
+                lens = torch.tensor(seq_lengths(cu_seqlens), device=x.device)
+                pos = torch.arange(T, device=x.device) - torch.repeat_interleave(cu_seqlens[:-1].to(x.device), lens)
+            o = attention(self._rope(q, pos), self._rope(k, pos), v, causal=True, window=self.window,
+                          cu_seqlens=cu_seqlens, impl=self.impl)
+            return self.out_proj(o.flatten(-2))
+        nseq = x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+        cache.check_batch(nseq, "input (number of sequences)")
+        if cu_seqlens is None:
+            lens = torch.full((nseq,), x.shape[1], device=x.device, dtype=torch.long)
+            o = self._attend_cached(q, k, v, lens, cache)
+        else:
+            lens = torch.tensor(seq_lengths(cu_seqlens), device=x.device, dtype=torch.long)
+            pad = lambda t: pack_to_padded(t, cu_seqlens)
+            o = padded_to_pack(self._attend_cached(pad(q), pad(k), pad(v), lens, cache), cu_seqlens)
+        return self.out_proj(o.flatten(-2))
+
+    def _attend_cached(self, q: Tensor, k: Tensor, v: Tensor, lens: Tensor, cache: AttentionCache) -> Tensor:
+        """Right-padded rows q [N, T, H, D], k, v [N, T, Hkv, D] with ``lens`` valid tokens each:
+        append to the cache at each row's length, attend over the cache, advance the lengths."""
+        N, T = q.shape[:2]
+        off = cache.seqlen.to(q.device)
+        new_len = off + lens
+        if bool((new_len > cache.max_seqlen).any()):
+            raise ValueError(f"KV cache overflow: rows would reach lengths {new_len.tolist()} but the cache "
+                             f"holds max_seqlen={cache.max_seqlen}; allocate a longer cache")
+        ar = torch.arange(T, device=q.device)
+        pos = off[:, None] + ar[None, :]                                       # [N, T]
+        q, k = self._rope(q, pos), self._rope(k, pos)
+        valid = ar[None, :] < lens[:, None]
+        rows = torch.arange(N, device=q.device)[:, None].expand(N, T)
+        cache.k[rows[valid], pos[valid]] = k[valid].to(cache.k.dtype)
+        cache.v[rows[valid], pos[valid]] = v[valid].to(cache.v.dtype)
+        S = int(new_len.max()) if N > 0 else 0
+        o = attention(q, cache.k[:, :S].to(q.dtype), cache.v[:, :S].to(q.dtype), causal=True, window=self.window,
+                      q_offset=off, kv_lengths=new_len, impl=self.impl)
+        cache.seqlen.copy_(new_len)
+        return o
+
+    def step(self, x: Tensor, cache: AttentionCache) -> Tensor:
+        """One decode token: x [B, d_model] or [B, 1, d_model] -> same shape; appends to the cache."""
+        squeeze = x.dim() == 2
+        x3 = x.unsqueeze(1) if squeeze else x
+        check_tensor("x", x3, [("B", None), ("T", 1), ("d_model", self.d_model)])
+        cache.check_batch(x3.shape[0])
+        out = self.forward(x3, cache=cache)
+        return out[:, 0] if squeeze else out
