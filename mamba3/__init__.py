@@ -3,6 +3,7 @@
 Importing this package never requires triton or a GPU; kernels are picked at call time.
 """
 from .layers import Mamba3, Mamba3Cache
+from .layers import Mamba1, Mamba2
 
 __version__ = "0.1.0"
-__all__ = ["Mamba3", "Mamba3Cache", "__version__"]
+__all__ = ["Mamba1", "Mamba2", "Mamba3", "Mamba3Cache", "__version__"]
