@@ -189,10 +189,10 @@ _SIZES = {"180m": (768, 12, 1500, 1264), "440m": (1024, 24, 2048, 1792),
 # B/C biases but a conv; GDN (qk head dim 128, v head dim 256, d_model/128 heads) is wider than
 # Mamba-3; MHA (head dim 64) is 4 d^2 against Mamba-3's ~6 d^2.
 _BASELINE_MLP = {
-    "180m": {"mamba2": 1528, "gdn": 1116, "transformer": 2136},
-    "440m": {"mamba2": 2080, "gdn": 1552, "transformer": 2896},
-    "880m": {"mamba2": 3104, "gdn": 2320, "transformer": 4344},
-    "1.5b": {"mamba2": 4128, "gdn": 3088, "transformer": 5784},
+    "180m": {"mamba2": 1528, "gdn": 1104, "transformer": 2136},
+    "440m": {"mamba2": 2080, "gdn": 1488, "transformer": 2864},
+    "880m": {"mamba2": 3112, "gdn": 2184, "transformer": 4240},
+    "1.5b": {"mamba2": 4144, "gdn": 2880, "transformer": 5624},
 }
 _MAMBA = {"d_state": 128, "headdim": 64, "expand": 2}
 
