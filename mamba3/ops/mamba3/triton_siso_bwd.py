@@ -1,0 +1,167 @@
+"""Triton backward kernels of the chunked SSD core (see triton_siso_fwd.py for the forward).
+
+Given dY [B, T, H, P] and the gradient of the final state, mirrors the forward's three launches:
+    1. _chunk_dstate_kernel grid (chunks, B*H): dS_c^out = sum_t exp(ell_t) dY_t Q_t^T, the
+       gradient that chunk c's outputs send to the state entering it
+    2. _dstate_scan_kernel  grid (P*N blocks, B*H): reverse pass; overwrites slot c with G_c, the
+       gradient w.r.t. the state leaving chunk c; the gradient of the initial state in fp32
+    3. _chunk_bwd_kernel    grid (chunks, B*H): dQ, dK, dV and d(dA) of every chunk from the
+       saved entering states S_c and G_c (intra-chunk, inter-chunk and state-building terms)
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_siso_fwd import _load_chunk, _load_ell, dot_precision, static_loop
+
+
+@triton.jit
+def _chunk_dstate_kernel(Q, dY, dA, GS, T, H, nc, N, P,
+                         sqb, sqt, sqh, syb, syt, syh, sdb, sdt, sdh,
+                         CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+                         PREC: tl.constexpr):
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    q = _load_chunk(Q, b, h, c, T, sqb, sqt, sqh, CHUNK, BLOCK_N, N)
+    dy = _load_chunk(dY, b, h, c, T, syb, syt, syh, CHUNK, BLOCK_P, P)
+    ell = _load_ell(dA, b, h, c, T, sdb, sdt, sdh, CHUNK)
+    dyw = (dy.to(tl.float32) * tl.exp(ell)[:, None]).to(q.dtype)
+    ds = tl.dot(tl.trans(dyw), q, input_precision=PREC)                 # [P, N]
+    p = tl.arange(0, BLOCK_P)
+    n = tl.arange(0, BLOCK_N)
+    tl.store(GS + (bh * nc + c) * P * N + p[:, None] * N + n[None, :], ds.to(GS.dtype.element_ty),
+             mask=(p[:, None] < P) & (n[None, :] < N))
+
+
+@triton.jit
+def _dscan_step(GS, DEC, carry, bh, c, nc, PN, offs, mask):
+    ptrs = GS + (bh * nc + c) * PN + offs
+    loc = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    decay = tl.exp(tl.load(DEC + bh * nc + c))
+    tl.store(ptrs, carry.to(GS.dtype.element_ty), mask=mask)
+    return loc + decay * carry
+
+
+@triton.jit
+def _dstate_scan_kernel(GS, DEC, dSF, dS0, nc, PN, HAS_DSF: tl.constexpr, BLOCK: tl.constexpr,
+                        NC_STATIC: tl.constexpr):
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < PN
+    if HAS_DSF:
+        carry = tl.load(dSF + bh * PN + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        carry = tl.zeros([BLOCK], dtype=tl.float32)
+    if NC_STATIC > 0:
+        for i in range(NC_STATIC):
+            carry = _dscan_step(GS, DEC, carry, bh, NC_STATIC - 1 - i, nc, PN, offs, mask)
+    else:
+        for i in range(nc):
+            carry = _dscan_step(GS, DEC, carry, bh, nc - 1 - i, nc, PN, offs, mask)
+    tl.store(dS0 + bh * PN + offs, carry, mask=mask)
+
+
+@triton.jit
+def _store_chunk(ptr, x, b, h, c, T, stride_b, stride_t, stride_h, CHUNK: tl.constexpr,
+                 BLOCK: tl.constexpr, DIM):
+    t = c * CHUNK + tl.arange(0, CHUNK)
+    d = tl.arange(0, BLOCK)
+    mask = (t[:, None] < T) & (d[None, :] < DIM)
+    tl.store(ptr + b * stride_b + t[:, None] * stride_t + h * stride_h + d[None, :],
+             x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _chunk_bwd_kernel(Q, K, V, dA, dY, ST, GS, dQ, dK, dV, ddA, T, H, nc, N, P,
+                      sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, syb, syt, syh,
+                      CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+                      PREC: tl.constexpr):
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    q = _load_chunk(Q, b, h, c, T, sqb, sqt, sqh, CHUNK, BLOCK_N, N)
+    k = _load_chunk(K, b, h, c, T, skb, skt, skh, CHUNK, BLOCK_N, N)
+    v = _load_chunk(V, b, h, c, T, svb, svt, svh, CHUNK, BLOCK_P, P)
+    dy = _load_chunk(dY, b, h, c, T, syb, syt, syh, CHUNK, BLOCK_P, P)
+    ell = _load_ell(dA, b, h, c, T, sdb, sdt, sdh, CHUNK)
+    i = tl.arange(0, CHUNK)
+    last = tl.sum(tl.where(i == CHUNK - 1, ell, 0.0), axis=0)
+    p = tl.arange(0, BLOCK_P)
+    n = tl.arange(0, BLOCK_N)
+    pn = (bh * nc + c) * P * N + p[:, None] * N + n[None, :]
+    pn_mask = (p[:, None] < P) & (n[None, :] < N)
+    s = tl.load(ST + pn, mask=pn_mask, other=0.0)                       # state entering chunk c
+    g = tl.load(GS + pn, mask=pn_mask, other=0.0).to(tl.float32)        # d(state leaving chunk c)
+    dt = q.dtype
+
+    strict = i[:, None] > i[None, :]
+    decay = tl.exp(tl.where(strict, ell[:, None] - ell[None, :], -float("inf")))
+    a = tl.dot(q, tl.trans(k), input_precision=PREC) * decay           # masked scores [t, s]
+    dp = tl.dot(dy, tl.trans(v), input_precision=PREC)                 # dO_t . V_s
+    dsc = dp * decay
+    wk = tl.exp(last - ell)
+    kw = (k.to(tl.float32) * wk[:, None]).to(dt)
+    u = tl.dot(kw, tl.trans(g.to(dt)), input_precision=PREC)           # [C, P] state-building
+    dv = tl.dot(tl.trans(a.to(dt)), dy, input_precision=PREC) + u
+    eq = tl.exp(ell)
+    dq = tl.dot(dsc.to(dt), k, input_precision=PREC) \
+        + eq[:, None] * tl.dot(dy, s.to(dt), input_precision=PREC)
+    dk = tl.dot(tl.trans(dsc.to(dt)), q, input_precision=PREC) \
+        + wk[:, None] * tl.dot(v, g.to(dt), input_precision=PREC)
+
+    # d ell: intra (rows gain, columns lose), inter, state building, chunk decay
+    gm = dp * a
+    dl = tl.sum(gm, axis=1) - tl.sum(gm, axis=0)
+    inter = tl.dot(q, tl.trans(s.to(dt)), input_precision=PREC) * eq[:, None]
+    dl += tl.sum(dy.to(tl.float32) * inter, axis=1)
+    term = tl.sum(v.to(tl.float32) * u, axis=1)
+    dl -= term
+    dlast = tl.sum(term, axis=0) + tl.exp(last) * tl.sum(tl.sum(g * s.to(tl.float32), axis=1), axis=0)
+    # ell_t = sum_{r<=t} dA_r  ->  d dA_r = sum_{t>=r} d ell_t ; ell_last depends on every dA_r
+    dda = tl.sum(dl, axis=0) - tl.cumsum(dl, axis=0) + dl + dlast
+
+    _store_chunk(dQ, dq, b, h, c, T, sqb, sqt, sqh, CHUNK, BLOCK_N, N)
+    _store_chunk(dK, dk, b, h, c, T, skb, skt, skh, CHUNK, BLOCK_N, N)
+    _store_chunk(dV, dv, b, h, c, T, svb, svt, svh, CHUNK, BLOCK_P, P)
+    t = c * CHUNK + i
+    tl.store(ddA + b * sdb + t * sdt + h * sdh, dda, mask=t < T)
+
+
+def ssd_core_bwd(Q, K, V, dA, dY, states, dec, dSF, chunk_size: int):
+    """Gradients of :func:`ssd_core_fwd`: (dQ, dK, dV fp32 in the inputs' layouts, d dA fp32,
+    d initial state fp32 [B, H, P, N]). ``states`` are the forward's entering states; Q, K, V, dA,
+    dY must be contiguous (dY in Q's dtype)."""
+    B, T, H, N = Q.shape
+    P = V.shape[-1]
+    C = chunk_size
+    nc = states.shape[2]
+    gs = torch.empty_like(states)
+    dS0 = torch.empty(B, H, P, N, device=Q.device, dtype=torch.float32)
+    dQ = torch.empty(Q.shape, device=Q.device, dtype=torch.float32)
+    dK = torch.empty(K.shape, device=Q.device, dtype=torch.float32)
+    dV = torch.empty(V.shape, device=Q.device, dtype=torch.float32)
+    ddA = torch.empty(dA.shape, device=Q.device, dtype=torch.float32)
+    BN, BP = max(16, triton.next_power_of_2(N)), max(16, triton.next_power_of_2(P))
+    prec = dot_precision(Q.dtype)
+    nw = 4 if C * max(BN, BP) <= 4096 else 8
+    _chunk_dstate_kernel[(nc, B * H)](Q, dY, dA, gs, T, H, nc, N, P, *Q.stride()[:3], *dY.stride()[:3],
+                                      *dA.stride(), CHUNK=C, BLOCK_N=BN, BLOCK_P=BP, PREC=prec,
+                                      num_warps=nw)
+    PN = P * N
+    BLOCK = min(1024, triton.next_power_of_2(PN))
+    dsf = dSF if dSF is not None else dS0
+    _dstate_scan_kernel[(triton.cdiv(PN, BLOCK), B * H)](gs, dec, dsf, dS0, nc, PN,
+                                                        HAS_DSF=dSF is not None, BLOCK=BLOCK,
+                                                        NC_STATIC=static_loop(nc), num_warps=4)
+    # dQ/dK/dV/ddA are fresh contiguous tensors with Q/K/V/dA's shapes, so the same strides apply
+    _chunk_bwd_kernel[(nc, B * H)](Q, K, V, dA, dY, states, gs, dQ, dK, dV, ddA, T, H, nc, N, P,
+                                   *Q.stride()[:3], *K.stride()[:3], *V.stride()[:3], *dA.stride(),
+                                   *dY.stride()[:3], CHUNK=C, BLOCK_N=BN, BLOCK_P=BP, PREC=prec,
+                                   num_warps=nw)
+    return dQ, dK, dV, ddA, dS0
