@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..ops.attention import apply_rope, attention
+from ..ops.attention import apply_rope, attention, attention_reference, attention_sdpa
 from ..ops.utils import check_tensor, pack_to_padded, padded_to_pack, seq_lengths
 from .cache import LayerCache
 
@@ -146,10 +146,36 @@ class Attention(nn.Module):
         return o
 
     def step(self, x: Tensor, cache: AttentionCache) -> Tensor:
-        """One decode token: x [B, d_model] or [B, 1, d_model] -> same shape; appends to the cache."""
+        """One decode token: x [B, d_model] or [B, 1, d_model] -> same shape; appends to the cache.
+
+        No host synchronisation while a CUDA graph is being captured: the token is scattered at
+        each row's length and attention runs over the whole preallocated buffer under a mask
+        (outside capture it runs over the longest valid prefix only, and checks for overflow).
+        """
         squeeze = x.dim() == 2
         x3 = x.unsqueeze(1) if squeeze else x
         check_tensor("x", x3, [("B", None), ("T", 1), ("d_model", self.d_model)])
-        cache.check_batch(x3.shape[0])
-        out = self.forward(x3, cache=cache)
+        B = x3.shape[0]
+        cache.check_batch(B)
+        q, k, v = self._qkv(x3)
+        pos = cache.seqlen
+        static = _capturing(x3.device)
+        if not static and bool((pos >= cache.max_seqlen).any()):
+            raise ValueError(f"KV cache overflow: rows at lengths {pos.tolist()} cannot take another token "
+                             f"(max_seqlen={cache.max_seqlen}); allocate a longer cache")
+        q, k = self._rope(q, pos[:, None]), self._rope(k, pos[:, None])
+        idx = pos.view(B, 1, 1, 1).expand(B, 1, self.num_kv_heads, self.head_dim)
+        cache.k.scatter_(1, idx, k.to(cache.k.dtype))
+        cache.v.scatter_(1, idx, v.to(cache.v.dtype))
+        S = cache.max_seqlen if static else int(pos.max()) + 1
+        kv = lambda t: t[:, :S].to(q.dtype)
+        fn = attention_reference if self.impl == "reference" else attention_sdpa
+        o = fn(q, kv(cache.k), kv(cache.v), causal=True, window=self.window, q_offset=pos, kv_lengths=pos + 1)
+        cache.seqlen.add_(1)
+        out = self.out_proj(o.flatten(-2))
         return out[:, 0] if squeeze else out
+
+
+def _capturing(device: torch.device) -> bool:
+    """True while a CUDA graph is being captured on the current stream (no host syncs allowed)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()

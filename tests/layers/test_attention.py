@@ -121,3 +121,25 @@ def test_validation_errors():
         m(inputs(T=5), cache=cache)
     with pytest.raises(ValueError, match=r"x must have shape \[B, T, d_model\]"):
         m.step(inputs(T=2), cache)
+
+
+def test_graph_capture_path_matches(monkeypatch):
+    """The sync-free step used under CUDA-graph capture (whole buffer, mask only) equals forward."""
+    import mamba3.layers.attention as mod
+    monkeypatch.setattr(mod, "_capturing", lambda device: True)
+    m = layer(window=3)
+    x = inputs(T=6)
+    full = m(x)
+    cache = m.allocate_inference_cache(2, 9)
+    m(x[:, :2], cache=cache)
+    steps = torch.stack([m.step(x[:, t], cache) for t in range(2, 6)], 1)
+    torch.testing.assert_close(steps, full[:, 2:])
+
+
+def test_step_overflow_error():
+    m = layer()
+    cache = m.allocate_inference_cache(2, 2)
+    m.step(inputs(T=1)[:, 0], cache)
+    m.step(inputs(T=1)[:, 0], cache)
+    with pytest.raises(ValueError, match="KV cache overflow: rows at lengths \\[2, 2\\] cannot take another token"):
+        m.step(inputs(T=1)[:, 0], cache)
