@@ -32,7 +32,8 @@ def save_pretrained(model, save_directory, extra_config: Optional[dict] = None) 
     from safetensors.torch import save_file
     d = Path(save_directory)
     d.mkdir(parents=True, exist_ok=True)
-    cfg = model.config.to_dict()
+    # model_type / architectures let transformers' Auto classes open the directory (models.hf).
+    cfg = {**model.config.to_dict(), "model_type": "mamba3_lm", "architectures": ["Mamba3ForCausalLM"]}
     if extra_config:
         cfg.update(extra_config)
     with open(d / CONFIG_NAME, "w") as f:
@@ -58,7 +59,9 @@ def read_config(path) -> ModelConfig:
         raise FileNotFoundError(f"no {CONFIG_NAME} in {p}")
     with open(f) as fh:
         d = json.load(fh)
-    d.pop("model_type", None)
+    if d.pop("model_type", None) == "mamba3_lm":  # may also hold transformers' own keys
+        fields = set(ModelConfig().to_dict())
+        d = {k: v for k, v in d.items() if k in fields}
     d.pop("architectures", None)
     if "ssm_cfg" in d or "attn_layer_idx" in d:
         from .convert import config_from_official
