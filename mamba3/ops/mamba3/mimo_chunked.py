@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..utils import compute_dtype, pack_to_padded, padded_to_pack, seq_lengths
 from .common import Mamba3State, angle_increments, cumulative_angles, rotate_halves
-from .mimo_reference import heads_from_groups, mimo_output
+from .mimo_reference import mimo_output
 
 
 def mamba3_mimo_chunked(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D=None, z=None, *,
@@ -47,80 +47,81 @@ def mamba3_mimo_chunked(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, m
 def _chunked(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, initial_state,
              return_final_state, C, norm_weight, eps, lengths):
     B, T, H, P = v.shape
-    R, N = q.shape[2], q.shape[-1]
+    R, G, N = q.shape[2:]
     out_dtype = v.dtype
     cd = compute_dtype(q, k, v, dA, dt)
     q, k, v, dA, dt, trap, angles = (t.to(cd) for t in (q, k, v, dA, dt, trap, angles))
-    psi = mimo_x.transpose(0, 1).to(cd)                                       # [R, H, P]
+    psi = mimo_x.to(cd)                                                       # [H, R, P]
 
-    # Biased per-head q/k (pre-rotation), phases, rotated q/k, up-scaled X.      [B, T, R, H, *]
-    qh, kh = heads_from_groups(q, q_bias.to(cd), H), heads_from_groups(k, k_bias.to(cd), H)
+    # Everything below is head-major, [B, H, T, R, *]: biased per-head q/k (pre-rotation),
+    # phases, rotated q/k, up-scaled X.
+    def heads(x, bias):                                                       # [B, T, R, G, N] -> [B, H, T, R, N]
+        x = x.permute(0, 3, 1, 2, 4)
+        return (x if G == H else x.repeat_interleave(H // G, dim=1)) + bias.to(cd)[:, None]
+    qh, kh = heads(q, q_bias), heads(k, k_bias)
     init_angle = None if initial_state is None else initial_state.angle.to(cd)
     theta = cumulative_angles(angle_increments(dt, angles), init_angle)      # [B, T, H, S]
-    qr, kr = rotate_halves(qh, theta.unsqueeze(2)), rotate_halves(kh, theta.unsqueeze(2))
-    X = psi * v.unsqueeze(2)
-    lam = torch.sigmoid(trap)                                                 # [B, T, H]
-    gamma = lam * dt
-    shifted = F.pad(((1.0 - lam) * dt)[:, 1:], (0, 0, 0, 1))                 # (1-lam_{t+1}) dt_{t+1}
+    th = theta.transpose(1, 2).unsqueeze(3)                                   # [B, H, T, 1, S]
+    qr, kr = rotate_halves(qh, th), rotate_halves(kh, th)
+    X = psi[:, None] * v.transpose(1, 2).unsqueeze(3)                         # [B, H, T, R, P]
+    dt_, lam = dt.transpose(1, 2), torch.sigmoid(trap).transpose(1, 2)        # [B, H, T]
+    gamma = lam * dt_
+    shifted = F.pad(((1.0 - lam) * dt_)[..., 1:], (0, 1))                     # (1-lam_{t+1}) dt_{t+1}
     if lengths is not None:  # padded varlen: no next token after each sequence's last one
         valid = torch.arange(T, device=v.device)[None, :] < (lengths[:, None] - 1)
-        shifted = shifted * valid[..., None]
+        shifted = shifted * valid[:, None, :]
     c = gamma + shifted
 
     # Same-time R x R block: gamma_t <qh_t[r], kh_t[j]> X_t[j], plus the D skip.
-    dots = torch.einsum("btrHn,btjHn->btHrj", qh, kh) * gamma[..., None, None]
-    Y_diag = torch.einsum("btHrj,btjHp->btrHp", dots, X)
+    Y_diag = ((qh @ kh.transpose(-1, -2)) * gamma[..., None, None]) @ X       # [B, H, T, R, P]
     if D is not None:
-        Y_diag = Y_diag + D.to(cd)[:, None] * X
+        Y_diag = Y_diag + D.to(cd)[:, None, None, None] * X
 
     # State entering the first chunk: h_prev plus the beta term of the cache's last token.
     if initial_state is None or T == 0:
         S0 = v.new_zeros(B, H, P, N)
     else:
-        X_prev = psi * initial_state.v.to(cd).unsqueeze(1)                    # [B, R, H, P]
-        S0 = initial_state.ssm.to(cd) + ((1.0 - lam[:, 0]) * dt[:, 0])[..., None, None] * torch.einsum(
-            "brhp,brhn->bhpn", X_prev, initial_state.k.to(cd))
+        X_prev = psi * initial_state.v.to(cd).unsqueeze(2)                    # [B, H, R, P]
+        S0 = initial_state.ssm.to(cd) + ((1.0 - lam[..., 0]) * dt_[..., 0])[..., None, None] * (
+            X_prev.transpose(-1, -2) @ initial_state.k.to(cd).transpose(1, 2))
 
-    # Pad time to a multiple of C (padding: dA = c = 0) and flatten (time, rank) into L = C*R rows.
+    # Tiles: pad time to a multiple of C (padding: dA = c = 0) and flatten (time, rank) into
+    # L = C*R rows, row l being token l // R.                                  [B, H, nc, L, *]
     nc = max(1, -(-T // C))
     padT = nc * C - T
-    padt = lambda t: F.pad(t, (0, 0) * (t.dim() - 2) + (0, padT))
     L = C * R
-    qc = padt(qr).reshape(B, nc, L, H, N)
-    kc = padt(kr * c[:, :, None, :, None]).reshape(B, nc, L, H, N)
-    Xc = padt(X).reshape(B, nc, L, H, P)
-    ell = torch.cumsum(padt(dA).view(B, nc, C, H), dim=2)                     # inclusive, [B, nc, C, H]
-    ell_rows = ell.repeat_interleave(R, dim=2)                                # [B, nc, L, H]
+    tiles = lambda t: (F.pad(t, (0, 0, 0, 0, 0, padT)) if padT else t).reshape(B, H, nc, L, t.shape[-1])
+    qc, kc, Xc = tiles(qr), tiles(kr * c[..., None, None]), tiles(X)
+    ell = torch.cumsum(F.pad(dA.transpose(1, 2), (0, padT)).view(B, H, nc, C), dim=-1)  # inclusive
+    ell_rows = ell.repeat_interleave(R, dim=-1)                               # [B, H, nc, L]
 
-    # Intra-chunk: mask strictly lower across time (row l is token l // R).
-    scores = torch.einsum("bclHn,bcmHn->bcHlm", qc, kc)
-    er = ell_rows.permute(0, 1, 3, 2)                                         # [B, nc, H, L]
-    seg = er.unsqueeze(-1) - er.unsqueeze(-2)
+    # Intra-chunk: mask strictly lower across time (the same-time block is Y_diag).
+    seg = ell_rows.unsqueeze(-1) - ell_rows.unsqueeze(-2)
     tok = torch.arange(L, device=v.device) // R
     strict = tok[:, None] > tok[None, :]
     decay = torch.exp(torch.where(strict, seg, torch.full_like(seg, -torch.inf)))
-    Y = torch.einsum("bcHlm,bcmHp->bclHp", scores * decay, Xc)
+    Y = ((qc @ kc.transpose(-1, -2)) * decay) @ Xc                            # [B, H, nc, L, P]
 
-    # Chunk-local states, their scan, and the inter-chunk term.                 [B, nc, H, P, N]
-    last = ell[:, :, -1, :]                                                   # [B, nc, H]
-    w = torch.exp(last.unsqueeze(2) - ell_rows)                              # decay to chunk end
-    local = torch.einsum("bcmHp,bcmHn->bcHpn", Xc * w.unsqueeze(-1), kc)
+    # Chunk-local states, their scan, and the inter-chunk term.                 [B, H, nc, P, N]
+    last = ell[..., -1]                                                       # [B, H, nc]
+    w = torch.exp(last.unsqueeze(-1) - ell_rows)                             # decay to chunk end
+    local = (Xc * w.unsqueeze(-1)).transpose(-1, -2) @ kc
     chunk_decay = torch.exp(last)
     entering = []
     S = S0
     for i in range(nc):
         entering.append(S)
-        S = chunk_decay[:, i, :, None, None] * S + local[:, i]
-    S_enter = torch.stack(entering, dim=1)
-    Y = Y + torch.einsum("bclHn,bcHpn->bclHp", qc, S_enter) * torch.exp(ell_rows).unsqueeze(-1)
+        S = chunk_decay[:, :, i, None, None] * S + local[:, :, i]
+    S_enter = torch.stack(entering, dim=2)
+    Y = Y + (qc @ S_enter.transpose(-1, -2)) * torch.exp(ell_rows).unsqueeze(-1)
 
-    Y = Y.reshape(B, nc * C, R, H, P)[:, :T] + Y_diag                         # [B, T, R, H, P]
-    out = mimo_output(Y, None if z is None else z.to(cd), mimo_z.to(cd), mimo_o.to(cd),
+    Y = Y.reshape(B, H, nc * C, R, P)[:, :, :T] + Y_diag                      # [B, H, T, R, P]
+    out = mimo_output(Y.permute(0, 2, 3, 1, 4), None if z is None else z.to(cd), mimo_z.to(cd), mimo_o.to(cd),
                       None if norm_weight is None else norm_weight.to(cd), eps)
 
     final = None
     if return_final_state:
-        final = _final_state(S, theta, kr, v, lengths, cd, out_dtype, initial_state)
+        final = _final_state(S, theta, kr.permute(0, 2, 3, 1, 4), v, lengths, cd, out_dtype, initial_state)
     return out.to(out_dtype), final
 
 
