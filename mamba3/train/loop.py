@@ -141,9 +141,8 @@ def _train(cfg: TrainConfig, info: par.DistInfo, log) -> dict:
         if (cfg.eval.every and done % cfg.eval.every == 0) or done == t.steps:
             val_loss = evaluate(model, val_sampler, cfg.eval.batches, t.micro_batch, info, autocast)
             metrics.write({"step": done, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
-            if info.is_main:
-                bar.write(f"step {done}: train loss {loss_val:.4f}, val loss {val_loss:.4f} "
-                          f"(ppl {perplexity(val_loss):.2f})")
+            msg = f"step {done}: train loss {loss_val:.4f}, val loss {val_loss:.4f} (ppl {perplexity(val_loss):.2f})"
+            (log if bar.disable else bar.write)(msg)
         if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == t.steps:
             _save(model, optimizer, mode, info, ck_root, done, samples, cfg)
     bar.close()
