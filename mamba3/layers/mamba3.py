@@ -257,17 +257,25 @@ class Mamba3(nn.Module):
         y, final = mamba3_siso(
             p["C"][:, :, 0], p["B"][:, :, 0], p["x"], p["dA"], p["dt"], p["trap"], p["q_bias"][:, 0],
             p["k_bias"][:, 0], p["angles"], self.D, None if self.is_outproj_norm else p["z"],
-            initial_state=None if cache is None else self._op_state(cache), return_final_state=cache is not None,
+            # a copy: autograd may save the state, and the cache is overwritten in place below
+            initial_state=None if cache is None else Mamba3State(*(t.clone() for t in self._op_state(cache))),
+            return_final_state=cache is not None,
             cu_seqlens=cu_seqlens, chunk_size=self.chunk_size, impl=self.impl)
-        if cache is not None:
+        if cache is not None:  # caches hold inference state: never part of the autograd graph
+            final = Mamba3State(*(t.detach() for t in final))
             cache.ssm.copy_(final.ssm)
             cache.k[:, 0].copy_(final.k)
             cache.v.copy_(final.v)
             self._save_phase(cache, p, final, cu_seqlens)
         return self._output(y, p["z"], u)
 
+    @torch.no_grad()
     def step(self, u: Tensor, cache: Mamba3Cache) -> Tensor:
-        """One decode token: u [B, d_model] or [B, 1, d_model] -> same shape; cache updated in place."""
+        """One decode token: u [B, d_model] or [B, 1, d_model] -> same shape; cache updated in place.
+
+        Inference only (runs under no_grad: the cache is overwritten in place); to differentiate
+        through a continuation use ``forward(u, cache=...)``.
+        """
         squeeze = u.dim() == 2
         self._check_input(u.unsqueeze(1) if squeeze else u, 3)
         if not squeeze and u.shape[1] != 1:
@@ -302,7 +310,8 @@ class Mamba3(nn.Module):
         state = None
         if cache is not None:
             angle = cache.angle if self.rope == "data" else cache.angle[..., :0]
-            state = Mamba3State(angle=angle, ssm=cache.ssm, k=cache.k, v=cache.v)
+            # a copy: autograd may save the state, and the cache is overwritten in place below
+            state = Mamba3State(angle=angle.clone(), ssm=cache.ssm.clone(), k=cache.k.clone(), v=cache.v.clone())
         norm = {}
         if self.is_outproj_norm:
             norm = dict(outproj_norm_weight=self.norm.weight.view(self.nheads, self.headdim),
@@ -312,7 +321,8 @@ class Mamba3(nn.Module):
             self.mimo_x, self.mimo_z, self.mimo_o, self.D, p["z"], initial_state=state,
             return_final_state=cache is not None, cu_seqlens=cu_seqlens, chunk_size=self.chunk_size,
             impl=self.impl if self.impl in ("reference", "chunked") else "auto", **norm)
-        if cache is not None:
+        if cache is not None:  # caches hold inference state: never part of the autograd graph
+            final = Mamba3State(*(t.detach() for t in final))
             cache.ssm.copy_(final.ssm)
             cache.k.copy_(final.k)
             cache.v.copy_(final.v)
