@@ -22,14 +22,20 @@ from .cache import LayerCache
 
 @dataclasses.dataclass
 class AttentionCache(LayerCache):
-    """k, v [B, max_seqlen, Hkv, D] (positions 0..seqlen-1 valid); seqlen [B] int64 tokens consumed."""
+    """k, v [B, L, Hkv, D]; seqlen [B] int64 tokens consumed per row.
+
+    ring=False: L = max_seqlen, position p sits in slot p (positions 0..seqlen-1 valid).
+    ring=True (sliding window shorter than max_seqlen): L = window, position p sits in slot
+    p % window, so only the last ``window`` positions are kept and the length is unbounded.
+    """
 
     k: Tensor
     v: Tensor
     seqlen: Tensor
+    ring: bool = False
 
     @property
-    def max_seqlen(self) -> int:
+    def slots(self) -> int:
         return self.k.shape[1]
 
 
@@ -75,16 +81,18 @@ class Attention(nn.Module):
     # ----------------------------------------------------------------------------------------
     def allocate_inference_cache(self, batch_size: int, max_seqlen: Optional[int] = None, *, device=None,
                                  dtype=None) -> AttentionCache:
-        """KV cache for ``max_seqlen`` tokens per row (required: attention memory grows with length)."""
+        """KV cache for ``max_seqlen`` tokens per row (required: attention memory grows with length).
+        With a sliding window shorter than ``max_seqlen`` the cache is a ring of ``window`` slots."""
         if max_seqlen is None or not isinstance(max_seqlen, int) or max_seqlen < 1:
             raise ValueError(f"Attention.allocate_inference_cache needs max_seqlen (a positive int: the KV "
                              f"cache is preallocated to that length), got {max_seqlen!r}")
         device = self.in_proj.weight.device if device is None else device
         dtype = self.in_proj.weight.dtype if dtype is None else dtype
-        shape = (batch_size, max_seqlen, self.num_kv_heads, self.head_dim)
+        ring = self.window is not None and self.window < max_seqlen
+        shape = (batch_size, self.window if ring else max_seqlen, self.num_kv_heads, self.head_dim)
         return AttentionCache(k=torch.zeros(shape, device=device, dtype=dtype),
                               v=torch.zeros(shape, device=device, dtype=dtype),
-                              seqlen=torch.zeros(batch_size, device=device, dtype=torch.long))
+                              seqlen=torch.zeros(batch_size, device=device, dtype=torch.long), ring=ring)
 
     # ----------------------------------------------------------------------------------------
     def _qkv(self, x: Tensor):
@@ -125,32 +133,55 @@ class Attention(nn.Module):
 
     def _attend_cached(self, q: Tensor, k: Tensor, v: Tensor, lens: Tensor, cache: AttentionCache) -> Tensor:
         """Right-padded rows q [N, T, H, D], k, v [N, T, Hkv, D] with ``lens`` valid tokens each:
-        append to the cache at each row's length, attend over the cache, advance the lengths."""
+        attend over the cached keys plus the new ones, store the new keys, advance the lengths."""
         N, T = q.shape[:2]
         off = cache.seqlen.to(q.device)
         new_len = off + lens
-        if bool((new_len > cache.max_seqlen).any()):
-            raise ValueError(f"KV cache overflow: rows would reach lengths {new_len.tolist()} but the cache "
-                             f"holds max_seqlen={cache.max_seqlen}; allocate a longer cache")
         ar = torch.arange(T, device=q.device)
         pos = off[:, None] + ar[None, :]                                       # [N, T]
         q, k = self._rope(q, pos), self._rope(k, pos)
         valid = ar[None, :] < lens[:, None]
         rows = torch.arange(N, device=q.device)[:, None].expand(N, T)
-        cache.k[rows[valid], pos[valid]] = k[valid].to(cache.k.dtype)
-        cache.v[rows[valid], pos[valid]] = v[valid].to(cache.v.dtype)
-        S = int(new_len.max()) if N > 0 else 0
-        o = attention(q, cache.k[:, :S].to(q.dtype), cache.v[:, :S].to(q.dtype), causal=True, window=self.window,
-                      q_offset=off, kv_lengths=new_len, impl=self.impl)
+        if cache.ring:
+            o = self._attend_ring(q, k, v, off, lens, cache)
+            keep = valid & (ar[None, :] >= lens[:, None] - cache.slots)         # last `window` new tokens
+            slot = torch.remainder(pos, cache.slots)
+            cache.k[rows[keep], slot[keep]] = k[keep].to(cache.k.dtype)
+            cache.v[rows[keep], slot[keep]] = v[keep].to(cache.v.dtype)
+        else:
+            if bool((new_len > cache.slots).any()):
+                raise ValueError(f"KV cache overflow: rows would reach lengths {new_len.tolist()} but the cache "
+                                 f"holds max_seqlen={cache.slots}; allocate a longer cache")
+            cache.k[rows[valid], pos[valid]] = k[valid].to(cache.k.dtype)
+            cache.v[rows[valid], pos[valid]] = v[valid].to(cache.v.dtype)
+            S = int(new_len.max()) if N > 0 else 0
+            o = attention(q, cache.k[:, :S].to(q.dtype), cache.v[:, :S].to(q.dtype), causal=True,
+                          window=self.window, q_offset=off, kv_lengths=new_len, impl=self.impl)
         cache.seqlen.copy_(new_len)
         return o
+
+    def _attend_ring(self, q: Tensor, k: Tensor, v: Tensor, off: Tensor, lens: Tensor, cache: AttentionCache,
+                     validate: bool = True) -> Tensor:
+        """Attention over [the W ring slots unrolled in position order | the new keys]. Index j < W
+        holds position off - W + j (masked while negative), the new token i sits at index W + i."""
+        N, W = q.shape[0], cache.slots
+        past = torch.remainder(off[:, None] - W + torch.arange(W, device=q.device)[None, :], W)   # [N, W]
+        rows = torch.arange(N, device=q.device)[:, None].expand(N, W)
+        keys = torch.cat([cache.k[rows, past].to(q.dtype), k], dim=1)
+        vals = torch.cat([cache.v[rows, past].to(q.dtype), v], dim=1)
+        kw = dict(causal=True, window=self.window, q_offset=torch.full_like(off, W), kv_lengths=W + lens,
+                  kv_start=torch.clamp(W - off, min=0))
+        if validate:
+            return attention(q, keys, vals, impl=self.impl, **kw)
+        return (attention_reference if self.impl == "reference" else attention_sdpa)(q, keys, vals, **kw)
 
     def step(self, x: Tensor, cache: AttentionCache) -> Tensor:
         """One decode token: x [B, d_model] or [B, 1, d_model] -> same shape; appends to the cache.
 
         No host synchronisation while a CUDA graph is being captured: the token is scattered at
-        each row's length and attention runs over the whole preallocated buffer under a mask
-        (outside capture it runs over the longest valid prefix only, and checks for overflow).
+        its slot and attention runs over the whole preallocated buffer (or ring) under a mask;
+        outside capture the full-length cache is attended over its longest valid prefix only and
+        checked for overflow.
         """
         squeeze = x.dim() == 2
         x3 = x.unsqueeze(1) if squeeze else x
@@ -160,17 +191,23 @@ class Attention(nn.Module):
         q, k, v = self._qkv(x3)
         pos = cache.seqlen
         static = _capturing(x3.device)
-        if not static and bool((pos >= cache.max_seqlen).any()):
+        if not cache.ring and not static and bool((pos >= cache.slots).any()):
             raise ValueError(f"KV cache overflow: rows at lengths {pos.tolist()} cannot take another token "
-                             f"(max_seqlen={cache.max_seqlen}); allocate a longer cache")
+                             f"(max_seqlen={cache.slots}); allocate a longer cache")
         q, k = self._rope(q, pos[:, None]), self._rope(k, pos[:, None])
-        idx = pos.view(B, 1, 1, 1).expand(B, 1, self.num_kv_heads, self.head_dim)
+        fn = attention_reference if self.impl == "reference" else attention_sdpa
+        if cache.ring:
+            o = self._attend_ring(q, k, v, pos, torch.ones_like(pos), cache, validate=False)
+            slot = torch.remainder(pos, cache.slots)
+        else:
+            slot = pos
+        idx = slot.view(B, 1, 1, 1).expand(B, 1, self.num_kv_heads, self.head_dim)
         cache.k.scatter_(1, idx, k.to(cache.k.dtype))
         cache.v.scatter_(1, idx, v.to(cache.v.dtype))
-        S = cache.max_seqlen if static else int(pos.max()) + 1
-        kv = lambda t: t[:, :S].to(q.dtype)
-        fn = attention_reference if self.impl == "reference" else attention_sdpa
-        o = fn(q, kv(cache.k), kv(cache.v), causal=True, window=self.window, q_offset=pos, kv_lengths=pos + 1)
+        if not cache.ring:
+            S = cache.slots if static else int(pos.max()) + 1
+            kv = lambda t: t[:, :S].to(q.dtype)
+            o = fn(q, kv(cache.k), kv(cache.v), causal=True, window=self.window, q_offset=pos, kv_lengths=pos + 1)
         cache.seqlen.add_(1)
         out = self.out_proj(o.flatten(-2))
         return out[:, 0] if squeeze else out

@@ -123,11 +123,12 @@ def test_validation_errors():
         m.step(inputs(T=2), cache)
 
 
-def test_graph_capture_path_matches(monkeypatch):
+@pytest.mark.parametrize("window", [None, 3, 20])
+def test_graph_capture_path_matches(monkeypatch, window):
     """The sync-free step used under CUDA-graph capture (whole buffer, mask only) equals forward."""
     import mamba3.layers.attention as mod
     monkeypatch.setattr(mod, "_capturing", lambda device: True)
-    m = layer(window=3)
+    m = layer(window=window)
     x = inputs(T=6)
     full = m(x)
     cache = m.allocate_inference_cache(2, 9)
@@ -143,3 +144,35 @@ def test_step_overflow_error():
     m.step(inputs(T=1)[:, 0], cache)
     with pytest.raises(ValueError, match="KV cache overflow: rows at lengths \\[2, 2\\] cannot take another token"):
         m.step(inputs(T=1)[:, 0], cache)
+
+
+def test_ring_cache_for_sliding_window():
+    """window < max_seqlen: the cache keeps `window` slots; prefill chunks longer than the window,
+    ragged continuations and decode far past the ring size all equal the full forward."""
+    m = layer(window=3, num_kv_heads=1)
+    x = inputs(T=17)
+    full = m(x)
+    cache = m.allocate_inference_cache(2, 64)
+    assert cache.ring and cache.k.shape == (2, 3, 1, 8)
+    parts = [m(x[:, :7], cache=cache), m(x[:, 7:8], cache=cache), m(x[:, 8:10], cache=cache)]
+    parts += [m.step(x[:, t:t + 1], cache) for t in range(10, 17)]
+    torch.testing.assert_close(torch.cat(parts, 1), full)
+    assert cache.seqlen.tolist() == [17, 17]
+    # ragged rows through cu_seqlens: row 0 gets 5 tokens, row 1 gets 1, then decode together
+    cache.reset()
+    cu = torch.tensor([0, 5, 6])
+    y = m(torch.cat([x[:1, :5], x[1:, :1]], 1), cache=cache, cu_seqlens=cu)
+    z = torch.stack([m.step(x[:, 6 + t], cache) for t in range(4)], 1)
+    torch.testing.assert_close(y[:, :5], full[:1, :5])
+    torch.testing.assert_close(y[:, 5:], full[1:, :1])
+    torch.testing.assert_close(z[0], m(torch.cat([x[0, :5], x[0, 6:10]])[None])[0, 5:])
+    torch.testing.assert_close(z[1], m(torch.cat([x[1, :1], x[1, 6:10]])[None])[0, 1:])
+
+
+def test_window_not_shorter_than_cache_uses_full_buffer():
+    m = layer(window=6)
+    cache = m.allocate_inference_cache(2, 6)
+    assert not cache.ring and cache.k.shape[1] == 6
+    x = inputs(T=6)
+    parts = [m(x[:, :2], cache=cache)] + [m.step(x[:, t], cache)[:, None] for t in range(2, 6)]
+    torch.testing.assert_close(torch.cat(parts, 1), m(x))

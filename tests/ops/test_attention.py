@@ -129,3 +129,14 @@ def test_validation_errors():
         attention(q, k, v, impl="flash")
     with pytest.raises(TypeError, match="causal must be a bool"):
         attention(q, k, v, causal=1)
+
+
+@pytest.mark.parametrize("impl", ["reference", "sdpa"])
+def test_kv_start_masks_leading_keys(impl):
+    q, k, v = make(T=2, S=6)
+    start, lens = torch.tensor([2, 0]), torch.tensor([6, 4])
+    o = attention(q, k, v, q_offset=torch.tensor([4, 2]), kv_lengths=lens, kv_start=start, impl=impl)
+    torch.testing.assert_close(o[:1], attention(q[:1], k[:1, 2:], v[:1, 2:], impl="reference"))
+    torch.testing.assert_close(o[1:], attention(q[1:], k[1:, :4], v[1:, :4], impl="reference"))
+    with pytest.raises(ValueError, match=r"kv_start must lie in \[0, S=6\]"):
+        attention(q, k, v, kv_start=torch.tensor([7, 0]))

@@ -14,7 +14,7 @@ ATTN_IMPLS = ("auto", "reference", "sdpa")
 INT_DTYPES = (torch.int32, torch.int64)
 
 
-def validate_attention(q, k, v, causal, window, q_offset, kv_lengths, scale, cu_seqlens) -> None:
+def validate_attention(q, k, v, causal, window, q_offset, kv_lengths, scale, cu_seqlens, kv_start=None) -> None:
     check_tensor("q", q, [("B", None), ("T", None), ("H", None), ("D", None)])
     B, T, H, D = q.shape
     check_tensor("k", k, [("B", B), ("S", None), ("Hkv", None), ("D", D)])
@@ -31,8 +31,9 @@ def validate_attention(q, k, v, causal, window, q_offset, kv_lengths, scale, cu_
     if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0):
         raise ValueError(f"scale must be None or a positive float, got {scale!r}")
     if cu_seqlens is not None:
-        if q_offset is not None or kv_lengths is not None:
-            raise ValueError("cu_seqlens (packed self-attention) cannot be combined with q_offset or kv_lengths")
+        if q_offset is not None or kv_lengths is not None or kv_start is not None:
+            raise ValueError("cu_seqlens (packed self-attention) cannot be combined with q_offset, kv_lengths "
+                             "or kv_start")
         if S != T:
             raise ValueError(f"with cu_seqlens q and k must be packed alike: T={T} but S={S}")
         check_cu_seqlens(cu_seqlens, T, B)
@@ -40,6 +41,10 @@ def validate_attention(q, k, v, causal, window, q_offset, kv_lengths, scale, cu_
         check_tensor("kv_lengths", kv_lengths, [("B", B)], dtypes=INT_DTYPES)
         if bool(((kv_lengths < 0) | (kv_lengths > S)).any()):
             raise ValueError(f"kv_lengths must lie in [0, S={S}], got {kv_lengths.tolist()}")
+    if kv_start is not None:
+        check_tensor("kv_start", kv_start, [("B", B)], dtypes=INT_DTYPES)
+        if bool(((kv_start < 0) | (kv_start > S)).any()):
+            raise ValueError(f"kv_start must lie in [0, S={S}], got {kv_start.tolist()}")
     if q_offset is not None:
         if isinstance(q_offset, int) and not isinstance(q_offset, bool):
             if q_offset < 0:
@@ -51,8 +56,8 @@ def validate_attention(q, k, v, causal, window, q_offset, kv_lengths, scale, cu_
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: Optional[int] = None,
-              q_offset=None, kv_lengths: Optional[Tensor] = None, scale: Optional[float] = None,
-              cu_seqlens: Optional[Tensor] = None, impl: str = "auto") -> Tensor:
+              q_offset=None, kv_lengths: Optional[Tensor] = None, kv_start: Optional[Tensor] = None,
+              scale: Optional[float] = None, cu_seqlens: Optional[Tensor] = None, impl: str = "auto") -> Tensor:
     """Multi-head / grouped-query softmax attention with causal, sliding-window and cache masks.
 
     Args:
@@ -63,6 +68,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: O
         q_offset: int or int [B]: absolute position of q[:, 0] (keys sit at 0..S-1); default
             kv_lengths - T (the queries are the last T keys, as in prefill or decode from a cache).
         kv_lengths: int [B] number of valid keys per row (a preallocated KV cache); default S.
+        kv_start: int [B] first valid key per row (keys before it are masked; e.g. the unfilled
+            slots of a ring-buffer window cache); default 0.
         scale: softmax scale, default D ** -0.5.
         cu_seqlens: [N + 1] offsets of packed sequences (B = 1, S = T): block-diagonal self-attention.
         impl: "auto" (= "sdpa"), "reference" (float64 masked softmax) or "sdpa".
@@ -76,7 +83,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: O
         torch.Size([2, 5, 4, 8])
     """
     check_impl(impl, ATTN_IMPLS)
-    validate_attention(q, k, v, causal, window, q_offset, kv_lengths, scale, cu_seqlens)
+    validate_attention(q, k, v, causal, window, q_offset, kv_lengths, scale, cu_seqlens, kv_start)
     fn = attention_reference if impl == "reference" else attention_sdpa
-    return fn(q, k, v, causal=causal, window=window, q_offset=q_offset, kv_lengths=kv_lengths, scale=scale,
-              cu_seqlens=cu_seqlens)
+    return fn(q, k, v, causal=causal, window=window, q_offset=q_offset, kv_lengths=kv_lengths, kv_start=kv_start,
+              scale=scale, cu_seqlens=cu_seqlens)

@@ -3,7 +3,7 @@
 Keys are indexed 0..S-1 by absolute position; query i of row b sits at position q_offset[b] + i.
 Key j is visible to that query when
 
-    j < kv_lengths[b]  and  (not causal or j <= pos)  and  (window is None or j > pos - window)
+    kv_start[b] <= j < kv_lengths[b]  and  (not causal or j <= pos)  and  (window is None or j > pos - window)
 
 (a window of W keeps the last W positions, itself included). A query that sees no key returns 0.
 Query head h reads key/value head h // (H // Hkv).
@@ -19,12 +19,14 @@ from ..utils import pack_to_padded, padded_to_pack, seq_lengths
 
 
 def visible_mask(T: int, S: int, q_offset: Tensor, kv_lengths: Tensor, causal: bool,
-                 window: Optional[int]) -> Tensor:
+                 window: Optional[int], kv_start: Optional[Tensor] = None) -> Tensor:
     """Boolean [B, T, S], True where query i (row b) may attend to key j."""
     dev = q_offset.device
     pos = q_offset[:, None] + torch.arange(T, device=dev)[None, :]            # [B, T]
     j = torch.arange(S, device=dev)[None, None, :]
     m = j < kv_lengths[:, None, None]
+    if kv_start is not None:
+        m = m & (j >= kv_start.to(dev)[:, None, None])
     if causal:
         m = m & (j <= pos[..., None])
     if window is not None:
@@ -53,8 +55,8 @@ def run_packed(fn, q, k, v, cu_seqlens, **kw) -> Tensor:
 
 
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: Optional[int] = None,
-                        q_offset=None, kv_lengths: Optional[Tensor] = None, scale: Optional[float] = None,
-                        cu_seqlens: Optional[Tensor] = None) -> Tensor:
+                        q_offset=None, kv_lengths: Optional[Tensor] = None, kv_start: Optional[Tensor] = None,
+                        scale: Optional[float] = None, cu_seqlens: Optional[Tensor] = None) -> Tensor:
     """Explicit float64 masked softmax (signature of :func:`mamba3.ops.attention.attention`).
 
     q [B, T, H, D], k [B, S, Hkv, D], v [B, S, Hkv, Dv] -> o [B, T, H, Dv] in v's dtype.
@@ -69,7 +71,7 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
     qd, kd, vd = (t.to(torch.float64) for t in (q, k, v))
     kd, vd = kd.repeat_interleave(H // Hkv, dim=2), vd.repeat_interleave(H // Hkv, dim=2)
     scores = torch.einsum("bthd,bshd->bhts", qd, kd) * scale
-    mask = visible_mask(T, S, q_offset, kv_lengths, causal, window)[:, None]    # [B, 1, T, S]
+    mask = visible_mask(T, S, q_offset, kv_lengths, causal, window, kv_start)[:, None]    # [B, 1, T, S]
     scores = scores.masked_fill(~mask, float("-inf"))
     any_visible = mask.any(-1, keepdim=True)
     probs = torch.softmax(torch.where(any_visible, scores, torch.zeros_like(scores)), dim=-1)
