@@ -152,3 +152,14 @@ def test_float32_model_runs_and_matches_float64():
 def test_mimo_rank_validation(rank):
     with pytest.raises(ValueError, match=r"mimo_rank must be an int >= 1, got"):
         Mamba3(16, d_state=8, headdim=4, is_mimo=True, mimo_rank=rank)
+
+
+def test_backward_through_continuation_from_cache():
+    """The cache is overwritten in place after the op: the op must not hold on to it for backward."""
+    m = make(R=2)
+    u = torch.randn(2, 8, 16, dtype=torch.float64, requires_grad=True)
+    cache = m.allocate_inference_cache(2)
+    with torch.no_grad():
+        m(u[:, :3], cache=cache)
+    m(u[:, 3:], cache=cache).pow(2).sum().backward()
+    assert u.grad[:, 3:].abs().sum() > 0 and not cache.ssm.requires_grad
