@@ -288,7 +288,7 @@ class LanguageModel(nn.Module):
 
 
 def lm_loss(logits: Tensor, labels: Tensor, cu_seqlens: Optional[Tensor] = None) -> Tensor:
-    """Mean next-token cross-entropy (fp32): logits[:, t] vs labels[:, t + 1], -100 ignored."""
+    """Mean next-token cross-entropy (at least fp32): logits[:, t] vs labels[:, t + 1], -100 ignored."""
     if labels.shape != logits.shape[:2]:
         raise ValueError(f"labels must be [B, T] = {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
     target = labels[:, 1:].clone()
@@ -296,5 +296,7 @@ def lm_loss(logits: Tensor, labels: Tensor, cu_seqlens: Optional[Tensor] = None)
         starts = cu_seqlens[1:-1].long()
         starts = starts[(starts > 0) & (starts < labels.shape[1])]
         target[:, starts - 1] = IGNORE_INDEX  # the first token of a sequence has no predictor
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+    lg = logits[:, :-1]
+    lg = lg.float() if lg.dtype in (torch.float16, torch.bfloat16) else lg
+    return F.cross_entropy(lg.reshape(-1, logits.shape[-1]), target.reshape(-1),
                            ignore_index=IGNORE_INDEX)
