@@ -23,7 +23,7 @@ def test_hopper_triton_warning():
 
 
 def test_failed_check_is_reported_not_raised(monkeypatch):
-    monkeypatch.setitem(doctor.MIXER_SMOKE, "broken", ("mamba3.layers.mamba3:Mamba3", dict(d_state=7)))
+    monkeypatch.setitem(doctor.MIXER_SMOKE, "broken", ("mamba3.layers.mamba3:Mamba3", dict(d_state=7, headdim=4)))
     results = doctor.self_checks(doctor.environment())
     broken = [r for r in results if r[0].startswith("broken")]
     assert broken and broken[0][1] is False and "d_state must be even" in broken[0][2]
