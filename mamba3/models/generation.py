@@ -95,8 +95,8 @@ def process_logits(logits: Tensor, temperature: float = 1.0, top_k: Optional[int
                    top_p: Optional[float] = None, repetition_penalty: float = 1.0,
                    seen: Optional[Tensor] = None) -> Tensor:
     """Repetition penalty (CTRL: positive logits / p, negative x p, over ``seen`` [B, V] bool),
-    temperature, top-k and nucleus (top-p) filtering. Returns fp32 logits, filtered = -inf."""
-    x = logits.float()
+    temperature, top-k and nucleus (top-p) filtering. Returns >= fp32 logits, filtered = -inf."""
+    x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     if repetition_penalty != 1.0 and seen is not None:
         pen = torch.where(x > 0, x / repetition_penalty, x * repetition_penalty)
         x = torch.where(seen, pen, x)
