@@ -1,0 +1,1 @@
+"""Benchmarks reachable from the CLI (``mamba3 bench ...``)."""
