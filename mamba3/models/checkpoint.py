@@ -128,7 +128,8 @@ def load_state_dict_checked(model, sd: dict[str, Tensor], source: str = "checkpo
 
 
 def load_pretrained(path, device=None, dtype=None, strict: bool = True):
-    """LanguageModel from a directory with config.json + model.safetensors."""
+    """LanguageModel from a directory with config.json + model.safetensors. ``dtype`` None: the
+    dtype the weights were saved in (read from the embedding)."""
     from .lm import LanguageModel
     p = Path(path)
     if not p.is_dir():
@@ -139,6 +140,8 @@ def load_pretrained(path, device=None, dtype=None, strict: bool = True):
     if "ssm_cfg" in json.loads((p / CONFIG_NAME).read_text()):
         from .convert import state_dict_from_official
         sd = state_dict_from_official(sd, config)
+    if dtype is None and EMBED_KEY in sd and sd[EMBED_KEY].is_floating_point():
+        dtype = sd[EMBED_KEY].dtype  # the dtype the model was saved in
     model = LanguageModel(config, device=device, dtype=dtype, init_weights=False)
     load_state_dict_checked(model, sd, source=str(weights), strict=strict)
     return model.eval()
