@@ -144,3 +144,19 @@ def test_input_errors():
         m(torch.randn(2, 3, 16, dtype=F64), cache=cache)
     with pytest.raises(ValueError, match=r"u must have shape \[B, T, d_model\]"):
         m.step(torch.randn(3, 2, 16, dtype=F64), cache)
+
+
+def test_matches_transformers_mamba2_mixer():
+    """Cross-check against an independent implementation (same state-dict names and math)."""
+    tf = pytest.importorskip("transformers", reason="transformers is an optional comparison, not a dependency")
+    from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
+
+    torch.manual_seed(0)
+    cfg = tf.Mamba2Config(hidden_size=32, state_size=8, expand=2, head_dim=8, num_heads=8, n_groups=2, chunk_size=8,
+                          conv_kernel=4, use_bias=False, use_conv_bias=True)
+    theirs = Mamba2Mixer(cfg, layer_idx=0).eval()
+    ours = Mamba2(32, d_state=8, headdim=8, ngroups=2, chunk_size=8).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    u = torch.randn(2, 20, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(u), theirs(u), rtol=1e-4, atol=1e-5)
