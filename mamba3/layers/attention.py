@@ -38,6 +38,36 @@ class AttentionCache(LayerCache):
     def slots(self) -> int:
         return self.k.shape[1]
 
+    def snapshot(self, rows=None, *, to_cpu: bool = False) -> dict:
+        """KV written so far (positions < seqlen; the whole ring for a sliding window), not the
+        whole preallocated buffer, so a snapshot costs what the prefix holds."""
+        idx = None if rows is None else torch.as_tensor([rows] if isinstance(rows, int) else rows,
+                                                        dtype=torch.long, device=self.k.device)
+        sel = (lambda t: t) if idx is None else (lambda t: t.index_select(0, idx))
+        seqlen = sel(self.seqlen)
+        n = self.slots if self.ring else min(int(seqlen.max()) if seqlen.numel() else 0, self.slots)
+        out = {"k": sel(self.k[:, :n]).clone(), "v": sel(self.v[:, :n]).clone(), "seqlen": seqlen.clone()}
+        return {k: v.cpu() for k, v in out.items()} if to_cpu else out
+
+    def restore(self, snap: dict, rows=None) -> None:
+        if set(snap) != {"k", "v", "seqlen"}:
+            raise ValueError(f"snapshot holds {sorted(snap)} but an attention cache needs ['k', 'seqlen', 'v']")
+        n = snap["k"].shape[1]
+        if n > self.slots or (self.ring and n != self.slots):
+            raise ValueError(f"snapshot holds {n} KV positions but this cache has {self.slots} slots")
+        idx = None if rows is None else torch.as_tensor([rows] if isinstance(rows, int) else rows,
+                                                        dtype=torch.long, device=self.k.device)
+        for name in ("k", "v"):
+            dst, src = getattr(self, name), snap[name].to(self.k.device, self.k.dtype)
+            if idx is None:
+                dst[:, :n].copy_(src)
+            else:
+                dst[idx, :n] = src
+        if idx is None:
+            self.seqlen.copy_(snap["seqlen"].to(self.seqlen.device))
+        else:
+            self.seqlen[idx] = snap["seqlen"].to(self.seqlen.device)
+
 
 class Attention(nn.Module):
     """Causal attention layer: forward(x, cache=None, cu_seqlens=None) / step(x, cache).
