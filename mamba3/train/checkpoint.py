@@ -15,11 +15,13 @@ Formats (all world-size independent, so a run may resume on a different number o
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -141,7 +143,8 @@ def save(root: Path, step: int, model_sd: dict, optim_sd: dict, meta: dict, keep
     _write_tensors(tmp / "optimizer.safetensors", flat)
     _write_tensors(tmp / "rng.safetensors", rng_tensors)
     meta = {**meta, "step": step, "rng": rng_meta, "optimizer": {"param_groups": optim_sd["param_groups"],
-                                                               "scalars": scalars}}
+                                                               "scalars": scalars},
+            "sha256": {name: _sha256(tmp / name) for name in TENSOR_FILES}}
     with open(tmp / META, "w") as f:  # last: its presence marks the folder complete
         json.dump(meta, f, indent=2)
         f.flush()
@@ -174,9 +177,41 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return [d for _, d in sorted(out)]
 
 
+TENSOR_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify(folder: Path) -> Optional[str]:
+    """None if every tensor file matches the sha256 recorded in meta.json (checkpoints written
+    before checksums existed are accepted), else what is wrong."""
+    folder = Path(folder)
+    sums = json.loads((folder / META).read_text()).get("sha256")
+    if sums is None:
+        return None
+    for name, want in sums.items():
+        if not (folder / name).is_file():
+            return f"{name} is missing"
+        if _sha256(folder / name) != want:
+            return f"{name} does not match its sha256 in {META} (corrupted)"
+    return None
+
+
 def latest(root: Path) -> Optional[Path]:
-    found = complete_checkpoints(root)
-    return found[-1] if found else None
+    """Newest complete checkpoint whose files pass :func:`verify`; corrupted ones are skipped
+    with a warning naming them."""
+    for folder in reversed(complete_checkpoints(root)):
+        problem = verify(folder)
+        if problem is None:
+            return folder
+        warnings.warn(f"skipping corrupted checkpoint {folder}: {problem}", RuntimeWarning, stacklevel=2)
+    return None
 
 
 def load(folder: Path) -> tuple[dict, dict, dict[str, torch.Tensor], dict]:
