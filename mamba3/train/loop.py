@@ -152,7 +152,7 @@ def _train(cfg: TrainConfig, info: par.DistInfo, log) -> dict:
     if info.is_main and start < t.steps:
         plot_loss(metrics.path, out_dir / "loss.png", title=f"{mcfg.mixer} {n_params / 1e6:.2f}M")
         log(f"metrics: {metrics.path}, loss curve: {out_dir / 'loss.png'}")
-    final = _final_model(model, optimizer, mode, mcfg)
+    final = _final_model(model, optimizer, mode, mcfg, info)
     if info.is_main:
         final.save_pretrained(out_dir / "final")
         log(f"model saved to {out_dir / 'final'}")
@@ -171,11 +171,14 @@ def _save(model, optimizer, mode, info, root: Path, step: int, samples: int, cfg
     par.barrier(info)
 
 
-def _final_model(model, optimizer, mode: str, mcfg) -> LanguageModel:
-    """A plain single-device model with the trained weights (gathered under FSDP)."""
+def _final_model(model, optimizer, mode: str, mcfg, info: par.DistInfo):
+    """A plain single-device model with the trained weights (under FSDP gathered onto rank 0;
+    None on the other ranks)."""
     if mode != "fsdp":
         return par.unwrap(model)
     msd, _ = par.full_state(model, optimizer, mode)
+    if not info.is_main:
+        return None
     plain = LanguageModel(mcfg, init_weights=False)
     ckpt.load_model_state(plain, msd)
     return plain

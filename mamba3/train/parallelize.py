@@ -127,18 +127,20 @@ def barrier(info: DistInfo) -> None:
 
 
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, mode: str) -> tuple[dict, dict]:
-    """Full (unsharded, CPU) model and optimizer state dicts; a collective under FSDP."""
+    """Full (unsharded, CPU) model and optimizer state dicts; a collective under FSDP, where only
+    rank 0 receives them."""
     if mode != "fsdp":
         return ckpt.model_state(unwrap(model)), ckpt.optimizer_state(unwrap(model), optimizer)
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
 
+    # cpu_offload: the gathered tensors land on rank 0 only; the other ranks get empty dicts.
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     msd = get_model_state_dict(model, options=opts)
     names = set(ckpt.model_state_names(model))
     msd = {k: v.contiguous() for k, v in msd.items() if k in names}
     osd = get_optimizer_state_dict(model, optimizer, options=opts)
-    return msd, {"state": dict(osd["state"]), "param_groups": list(osd["param_groups"])}
+    return msd, {"state": dict(osd.get("state", {})), "param_groups": list(osd.get("param_groups", []))}
 
 
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, msd: dict, osd: dict, mode: str) -> None:
