@@ -1,6 +1,6 @@
 """`mamba3 train --config configs/tiny.toml [--set train.lr=1e-3] [--train.lr 1e-3] ...`
 
-Distributed: ``torchrun --nproc_per_node 2 -m mamba3.train.cli --config ... --set train.parallel=fsdp``.
+Distributed: ``torchrun --nproc_per_node 2 -m mamba3.train.cli --config ... --train.parallel fsdp``.
 """
 from __future__ import annotations
 
@@ -18,37 +18,46 @@ def add_parser(subparsers) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override one field (repeatable)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    g = p.add_argument_group("field overrides (--section.field VALUE)")
+    for key in override_keys():
+        g.add_argument(f"--{key}", dest=_DEST + key.replace(".", "__"), default=None, metavar="V",
+                       help=argparse.SUPPRESS if key.startswith("model.") and key != "model.preset" else None)
     p.set_defaults(func=run_train)
 
 
-def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    """Pull ``--section.field value`` / ``--section.field=value`` pairs out of ``argv``."""
-    rest, pairs, i = [], [], 0
-    while i < len(argv):
-        a = argv[i]
-        if a.startswith("--") and "." in a.split("=", 1)[0]:
-            key = a[2:]
-            if "=" in key:
-                key, value = key.split("=", 1)
-            elif i + 1 < len(argv):
-                value, i = argv[i + 1], i + 1
-            else:
-                raise ConfigError(f"{key}: missing value after --{key}")
-            pairs.append((key, value))
-        else:
-            rest.append(a)
-        i += 1
-    return rest, pairs
+_DEST = "override__"
+
+
+def override_keys() -> list[str]:
+    """Every ``section.field`` of TrainConfig, plus ``model.preset`` and the ModelConfig fields."""
+    import dataclasses
+
+    from ..models import ModelConfig
+    from .config import SECTIONS
+
+    keys = ["model.preset"] + [f"model.{f.name}" for f in dataclasses.fields(ModelConfig)]
+    for name, cls in SECTIONS.items():
+        keys += [f"{name}.{f.name}" for f in dataclasses.fields(cls)]
+    return keys
 
 
 def run_train(args: argparse.Namespace) -> int:
+    try:
+        return _run_train(args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run_train(args: argparse.Namespace) -> int:
     import json
     import tomllib
 
     from .config import TrainConfig
     from .loop import main
 
-    pairs = list(getattr(args, "dotted_overrides", []))
+    pairs = [(k[len(_DEST):].replace("__", "."), v) for k, v in vars(args).items()
+             if k.startswith(_DEST) and v is not None]
     for item in args.overrides:
         if "=" not in item:
             raise ConfigError(f"--set expects SECTION.FIELD=VALUE, got {item!r}")
@@ -67,17 +76,11 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        rest, pairs = split_overrides(argv)
-        parser = argparse.ArgumentParser(prog="mamba3")
-        add_parser(parser.add_subparsers(dest="command", required=True))
-        args = parser.parse_args(["train", *rest])
-        args.dotted_overrides = pairs
-        return args.func(args)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    """``python -m mamba3.train.cli ...`` (for torchrun): the arguments of ``mamba3 train``."""
+    parser = argparse.ArgumentParser(prog="mamba3")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
 
 
 if __name__ == "__main__":
