@@ -6,7 +6,8 @@ from .gated_deltanet import GatedDeltaNet, GatedDeltaNetCache
 from .mamba1 import Mamba1, Mamba1Cache
 from .mamba2 import Mamba2, Mamba2Cache
 from .mamba3 import Mamba3, Mamba3Cache
+from .mlp import GatedMLP
 from .norm import RMSNorm, RMSNormGated
 from .s4d import S4D, S4DCache
 
-__all__ = ["Attention", "AttentionCache", "GatedDeltaNet", "GatedDeltaNetCache", "S4D", "S4DCache", "Mamba1", "Mamba1Cache", "Mamba2", "Mamba2Cache", "LayerCache", "Mamba3", "Mamba3Cache", "RMSNorm", "RMSNormGated"]
+__all__ = ["Attention", "AttentionCache", "GatedDeltaNet", "GatedDeltaNetCache", "S4D", "S4DCache", "Mamba1", "Mamba1Cache", "Mamba2", "Mamba2Cache", "LayerCache", "GatedMLP", "Mamba3", "Mamba3Cache", "RMSNorm", "RMSNormGated"]
