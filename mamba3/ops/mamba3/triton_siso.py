@@ -19,10 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..utils import pack_to_padded, padded_to_pack, seq_lengths
-from .chunked import _final_state
 from .common import Mamba3State, angle_increments, cumulative_angles, expand_groups, rotate_interleaved
 from .triton_siso_bwd import ssd_core_bwd
-from .triton_siso_fwd import INTERPRET, ssd_core_fwd
+from .triton_siso_fwd import INTERPRET, chunk_start_phases, mamba3_fused_fwd, ssd_core_fwd
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -95,32 +94,120 @@ def mamba3_siso_triton(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D=None, z=
 def _forward(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state, return_final_state,
              chunk_size, lengths):
     B, T, H, P = v.shape
-    out_dtype = v.dtype
-    # dtype of the core's matmul operands; the Triton interpreter's bf16/fp16 dot is broken
-    # (numpy has no bf16), so under TRITON_INTERPRET the core multiplies in fp32
-    kd = torch.float32 if INTERPRET else v.dtype
-    f32 = lambda t: t.float()
-    dt32, dA32 = f32(dt), f32(dA)
-    qh = expand_groups(f32(q), H) + f32(q_bias)                                # [B, T, H, N]
-    kh = expand_groups(f32(k), H) + f32(k_bias)
-    init_angle = None if initial_state is None else initial_state.angle.float()
-    theta = cumulative_angles(angle_increments(dt32, f32(angles)), init_angle)  # [B, T, H, S]
-    qr, kr = rotate_interleaved(qh, theta), rotate_interleaved(kh, theta)
-    lam = torch.sigmoid(f32(trap))
+    if T == 0:  # nothing consumed: the state passes through
+        fin = None
+        if return_final_state:
+            fin = Mamba3State(*initial_state) if initial_state is not None else Mamba3State(
+                v.new_zeros(B, H, angles.shape[-1], dtype=torch.float32),
+                v.new_zeros(B, H, P, q.shape[-1], dtype=torch.float32),
+                v.new_zeros(B, H, q.shape[-1]), v.new_zeros(B, H, P))
+        return v.new_zeros(B, 0, H, P), fin
+    a0, s0, k0, v0 = initial_state if initial_state is not None else (None,) * 4
+    th0, final_angle = chunk_start_phases(dt, angles, a0, chunk_size)
+    y, S = Mamba3SisoFn.apply(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, a0, s0, k0, v0, th0,
+                              chunk_size)
+    if not return_final_state:
+        return y, None
+    rows = torch.arange(B, device=v.device)
+    idx = torch.full((B,), T - 1, device=v.device, dtype=torch.long) if lengths is None \
+        else (lengths - 1).clamp(min=0)
+    k_last = rotate_interleaved(expand_groups(k[rows, idx].float(), H) + k_bias.float(), final_angle)
+    k_last, v_last = k_last.to(v.dtype), v[rows, idx]
+    if lengths is not None and initial_state is not None and bool((lengths == 0).any()):
+        empty = (lengths == 0)[:, None, None]
+        final_angle = torch.where(empty, a0.float(), final_angle)
+        k_last = torch.where(empty, k0.to(k_last.dtype), k_last)
+        v_last = torch.where(empty, v0.to(v_last.dtype), v_last)
+    elif lengths is not None and bool((lengths == 0).any()):
+        empty = (lengths == 0)[:, None, None]
+        k_last, v_last = k_last.masked_fill(empty, 0), v_last.masked_fill(empty, 0)
+    return y, Mamba3State(angle=final_angle, ssm=S, k=k_last, v=v_last)
+
+
+def _entering_state(s0, k0, v0, lam0, dt0):
+    """Cache h plus the beta term of its last token (decayed by alpha_0 inside the kernels)."""
+    if s0 is None:
+        return None
+    return s0.float() + ((1.0 - lam0) * dt0)[..., None, None] * v0.float().unsqueeze(-1) * k0.float().unsqueeze(-2)
+
+
+def _prep(q, k, dt, trap, q_bias, k_bias, angles, a0, s0, k0, v0, H, kd):
+    """PyTorch form of what the fused kernels compute per token (differentiable): rotated q,
+    scaled rotated k (in the core dtype), the diagonal gamma <q, k> and the entering state."""
+    dt32 = dt.float()
+    qh = expand_groups(q.float(), H) + q_bias.float()
+    kh = expand_groups(k.float(), H) + k_bias.float()
+    theta = cumulative_angles(angle_increments(dt32, angles.float()), None if a0 is None else a0.float())
+    lam = torch.sigmoid(trap.float())
     gamma = lam * dt32
-    c = gamma + F.pad(((1.0 - lam) * dt32)[:, 1:], (0, 0, 0, 1))             # 0 after the last token
+    c = gamma + F.pad(((1.0 - lam) * dt32)[:, 1:], (0, 0, 0, 1))
+    Q = rotate_interleaved(qh, theta).to(kd)
+    K = (rotate_interleaved(kh, theta) * c.unsqueeze(-1)).to(kd)
     diag = gamma * (qh * kh).sum(-1)
-    S0 = None
-    if initial_state is not None:
-        S0 = initial_state.ssm.float() + (((1.0 - lam[:, 0]) * dt32[:, 0])[..., None, None]
-                                          * initial_state.v.float().unsqueeze(-1)
-                                          * initial_state.k.float().unsqueeze(-2))
-    y, S = SSDCoreFn.apply(qr.to(kd), (kr * c.unsqueeze(-1)).to(kd), v.to(kd), dA32, S0, chunk_size)
-    skip = diag if D is None else diag + f32(D)
-    y = y + skip.unsqueeze(-1) * f32(v)
-    if z is not None:
-        y = y * F.silu(f32(z))
-    final = None
-    if return_final_state:
-        final = _final_state(S, theta, kr, v, lengths, torch.float32, out_dtype, initial_state)
-    return y.to(out_dtype), final
+    return Q, K, diag, _entering_state(s0, k0, v0, lam[:, 0], dt32[:, 0])
+
+
+class Mamba3SisoFn(torch.autograd.Function):
+    """Fused Triton forward; backward = PyTorch recomputation of the per-token preparation +
+    Triton SSD-core backward kernels + autograd through the preparation."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, a0, s0, k0, v0, th0, chunk_size):
+        H = v.shape[2]
+        kd = torch.float32 if INTERPRET else v.dtype
+        cont = lambda t: None if t is None else t.contiguous()
+        q, k, v, dA, dt, trap, angles, z = map(cont, (q, k, v, dA, dt, trap, angles, z))
+        S0 = _entering_state(s0, k0, v0, torch.sigmoid(trap[:, 0].float()), dt[:, 0].float())
+        train = any(ctx.needs_input_grad)
+        y, ypre, states, dec, final = mamba3_fused_fwd(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, th0,
+                                                       S0, chunk_size, save_pre=train and z is not None,
+                                                       dot_dtype=kd)
+        if train:
+            ctx.save_for_backward(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, a0, s0, k0, v0,
+                                  ypre, states, dec)
+        ctx.meta = (H, kd, chunk_size)
+        return y, final
+
+    @staticmethod
+    def backward(ctx, dy, dfinal):
+        q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, a0, s0, k0, v0, ypre, states, dec = ctx.saved_tensors
+        H, kd, C = ctx.meta
+        need = ctx.needs_input_grad
+        prep_in = dict(q=q, k=k, dt=dt, trap=trap, q_bias=q_bias, k_bias=k_bias, angles=angles, a0=a0, s0=s0,
+                       k0=k0, v0=v0)
+        idx = dict(q=0, k=1, dt=4, trap=5, q_bias=6, k_bias=7, angles=8, a0=11, s0=12, k0=13, v0=14)
+        with torch.enable_grad():
+            leaves = {n: (t.detach().requires_grad_(True) if t is not None and need[idx[n]] else t)
+                      for n, t in prep_in.items()}
+            Q, K, diag, S0 = _prep(leaves["q"], leaves["k"], leaves["dt"], leaves["trap"], leaves["q_bias"],
+                                   leaves["k_bias"], leaves["angles"], leaves["a0"], leaves["s0"], leaves["k0"],
+                                   leaves["v0"], H, kd)
+        dy = torch.zeros(v.shape, device=v.device) if dy is None else dy.float()
+        dz = None
+        if z is not None:
+            sg = torch.sigmoid(z.float())
+            dO = dy * z.float() * sg
+            dz = dy * ypre.float() * sg * (1.0 + z.float() * (1.0 - sg))
+        else:
+            dO = dy
+        vk = v if v.dtype == kd else v.to(kd)
+        dQ, dK, dV, ddA, dS0 = ssd_core_bwd(Q.detach().contiguous(), K.detach().contiguous(), vk, dA,
+                                            dO.to(kd).contiguous(), states, dec,
+                                            None if dfinal is None else dfinal.float().contiguous(), C)
+        dskip = (dO * v.float()).sum(-1)                                       # [B, T, H]
+        skip = diag.detach() if D is None else diag.detach() + D.float()
+        dV = dV + skip.unsqueeze(-1) * dO
+        outs, grads = [], []
+        for t_, g_ in ((Q, dQ), (K, dK), (diag, dskip), (S0, dS0)):
+            if t_ is not None and t_.requires_grad:
+                outs.append(t_)
+                grads.append(g_.to(t_.dtype))
+        if outs:
+            torch.autograd.backward(outs, grads)
+        g = lambda n: None if leaves[n] is None or not need[idx[n]] else leaves[n].grad
+        cast = lambda gr, ref: None if gr is None or ref is None else gr.to(ref.dtype)
+        dD = None if D is None else dskip.sum((0, 1))
+        return (cast(g("q"), q), cast(g("k"), k), cast(dV, v), cast(ddA, dA), cast(g("dt"), dt),
+                cast(g("trap"), trap), cast(g("q_bias"), q_bias), cast(g("k_bias"), k_bias),
+                cast(g("angles"), angles), cast(dD, D), cast(dz, z), cast(g("a0"), a0), cast(g("s0"), s0),
+                cast(g("k0"), k0), cast(g("v0"), v0), None, None)
