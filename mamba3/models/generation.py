@@ -136,8 +136,14 @@ class _GraphStep:
         torch.cuda.current_stream().wait_stream(side)
         cache.copy_(backup)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = model.step(self.tok, cache)
+        try:
+            with torch.cuda.graph(self.graph):
+                self.logits = model.step(self.tok, cache)
+        except RuntimeError as e:
+            cache.copy_(backup)
+            raise RuntimeError("use_cuda_graph: the decode step could not be captured (a layer reads device "
+                               "values on the host during step, e.g. a KV cache checking its length); "
+                               f"use use_cuda_graph=False. Cause: {e}") from e
         cache.copy_(backup)  # capture does not run kernels, but keep the state exact regardless
 
     def __call__(self, tok: Tensor) -> Tensor:
@@ -153,7 +159,7 @@ def generate(model, input_ids: Union[Tensor, list], max_new_tokens: int = 32, te
              callback: Optional[Callable] = None, seed: Optional[int] = None,
              attention_mask: Optional[Tensor] = None, prompt_lengths: Optional[Sequence[int]] = None,
              use_cuda_graph: bool = False, prefill_mode: str = "varlen", cache_dtype=None, state_dtype=None,
-             output_scores: bool = False) -> GenerationOutput:
+             output_scores: bool = False, prefix_cache=None) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` per prompt.
 
     input_ids: [B, T] (equal prompts), [B, T] with ``attention_mask`` / ``prompt_lengths``, or a
@@ -163,6 +169,8 @@ def generate(model, input_ids: Union[Tensor, list], max_new_tokens: int = 32, te
     streamer: object with ``put(tokens [B])`` and ``end()`` (transformers' streamer protocol);
         callback(step, tokens [B]) -> True stops early. Rows stop at ``eos_token_id``.
     prefill_mode: "varlen" (pack prompts with cu_seqlens) or "per_row" (one prompt at a time).
+    prefix_cache: a ``mamba3.models.prefix_cache.PrefixCache``: prompts sharing a block-aligned
+        prefix with an earlier request restore its snapshot and prefill only the rest (row by row).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -196,7 +204,11 @@ def generate(model, input_ids: Union[Tensor, list], max_new_tokens: int = 32, te
     was_training = model.training
     model.eval()
     try:
-        logits = prefill(model, prompts, cache, prefill_mode)
+        if prefix_cache is None:
+            logits = prefill(model, prompts, cache, prefill_mode)
+        else:
+            from .prefix_cache import prefill_with_prefix_cache
+            logits = prefill_with_prefix_cache(model, prompts, cache, prefix_cache)
         step_fn = None
         for t in range(max_new_tokens):
             x = process_logits(logits, temperature, top_k, top_p, repetition_penalty, seen)

@@ -28,7 +28,7 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
 from .cache import InferenceCache
 from .config import ModelConfig
 from .generation import prefill, split_prompts
-from .lm import Backbone, LanguageModel, lm_loss
+from .lm import Backbone, LanguageModel
 
 MODEL_TYPE = "mamba3_lm"
 _FIELDS = [f.name for f in dataclasses.fields(ModelConfig)]
@@ -38,6 +38,8 @@ class Mamba3LMConfig(PretrainedConfig):
     """transformers view of ``ModelConfig`` (same field names, flat)."""
 
     model_type = MODEL_TYPE
+    # generic names transformers reads in places (generation, resizing)
+    attribute_map = {"hidden_size": "d_model", "num_hidden_layers": "n_layer"}
 
     def __init__(self, **kwargs):
         base = ModelConfig().to_dict()
@@ -50,15 +52,6 @@ class Mamba3LMConfig(PretrainedConfig):
 
     def to_model_config(self) -> ModelConfig:
         return ModelConfig.from_dict({k: getattr(self, k) for k in _FIELDS})
-
-    # transformers reads these generic names in places (e.g. generation, resizing).
-    @property
-    def hidden_size(self) -> int:
-        return self.d_model
-
-    @property
-    def num_hidden_layers(self) -> int:
-        return self.n_layer
 
 
 @dataclasses.dataclass
@@ -178,4 +171,4 @@ def register() -> None:
 
 register()
 
-__all__ = ["Mamba3LMConfig", "Mamba3ForCausalLM", "Mamba3CausalLMOutput", "MODEL_TYPE", "register", "lm_loss"]
+__all__ = ["Mamba3LMConfig", "Mamba3ForCausalLM", "Mamba3CausalLMOutput", "MODEL_TYPE", "register"]

@@ -109,3 +109,13 @@ def test_errors(model):
 def test_model_generate_method(model):
     out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, temperature=0)
     assert out.tokens.shape == (1, 4)
+
+
+def test_mimo_stack_generation():
+    mimo = {"d_state": 16, "headdim": 16, "is_mimo": True, "mimo_rank": 2, "chunk_size": 8}
+    model = tiny_model(n_layer=2, mixer_cfg={"mamba3": mimo})
+    prompts = [torch.randint(0, 61, (n,)) for n in (3, 7)]
+    out = generate(model, prompts, 6, temperature=0)
+    for i, p in enumerate(prompts):
+        seq = out.sequences()[i]
+        assert torch.equal(model(seq[None]).logits[0, len(p) - 1:-1].argmax(-1), seq[len(p):])
