@@ -121,6 +121,7 @@ class Mamba1(nn.Module):
         x, conv_final = causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu",
                                       initial_state=None if cache is None else cache.conv,
                                       return_final_state=cache is not None, cu_seqlens=cu_seqlens)
+        x = x.contiguous()  # the conv returns a channel-major view
         delta, Bp, Cp, A = self._scan_inputs(x)
         y, final = selective_scan(x, delta, A, Bp, Cp, self.D, z, initial_state=None if cache is None else cache.ssm,
                                   return_final_state=cache is not None, cu_seqlens=cu_seqlens,
