@@ -138,3 +138,15 @@ def test_matches_transformers_mamba_mixer():
     u = torch.randn(2, 20, 32)
     with torch.no_grad():
         torch.testing.assert_close(ours(u), theirs(u), rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_layer_keeps_fp32_ssm_state():
+    torch.manual_seed(0)
+    m = Mamba1(16, d_state=4, dtype=torch.bfloat16)
+    u = torch.randn(2, 9, 16, dtype=torch.bfloat16)
+    y = m(u)
+    cache = m.allocate_inference_cache(2)
+    assert cache.ssm.dtype == torch.float32 and cache.conv.dtype == torch.bfloat16
+    ys = torch.stack([m.step(u[:, t], cache) for t in range(9)], dim=1)
+    assert y.dtype == ys.dtype == torch.bfloat16
+    torch.testing.assert_close(ys.float(), y.float(), rtol=5e-2, atol=5e-2)
