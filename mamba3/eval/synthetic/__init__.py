@@ -10,7 +10,7 @@ from .metrics import (IGNORE_INDEX, masked_accuracy, masked_correct, scaled_accu
 from .modular import BR_VOCAB_SIZE, modular_batch, modular_brackets_batch
 from .modular import VOCAB_SIZE as MOD_VOCAB_SIZE
 from .mqar import mqar_batch, mqar_mamba2_batch
-from .niah import niah_single1
+from .niah import evaluate_niah, niah_single1
 from .parity import VOCAB_SIZE as PARITY_VOCAB_SIZE
 from .parity import parity_batch
 from .selective_copy import selective_copy_batch
@@ -24,4 +24,4 @@ STATE_TASKS = {
 
 __all__ = ["TaskBatch", "IGNORE_INDEX", "STATE_TASKS", "induction_batch", "masked_accuracy", "masked_correct",
            "scaled_accuracy", "sequence_accuracy", "substring_match", "modular_batch", "modular_brackets_batch",
-           "mqar_batch", "mqar_mamba2_batch", "niah_single1", "parity_batch", "selective_copy_batch"]
+           "mqar_batch", "mqar_mamba2_batch", "niah_single1", "evaluate_niah", "parity_batch", "selective_copy_batch"]

@@ -69,3 +69,24 @@ def niah_single1(num_samples: int, context_tokens: int, count_tokens: Callable[[
             n = max(n, 0)
         out.append(dict(prompt=prompt, answer=value, key=key, depth=depth, context_tokens=context_tokens))
     return out
+
+
+@torch.no_grad()
+def evaluate_niah(model, tokenizer, context_lengths, num_samples: int = 500, max_new_tokens: int = 16,
+                  seed: int = 0, log=print) -> dict:
+    """Greedy generation on NIAH-Single-1 prompts; {length: string-match score} (RULER's metric).
+    RULER decodes up to 128 tokens; a 7-digit value needs far fewer, so 16 is the default here."""
+    from .metrics import substring_match
+    scores = {}
+    for L in context_lengths:
+        items = niah_single1(num_samples, L, lambda s: len(tokenizer.encode(s)), seed=seed)
+        gens = []
+        for it in items:
+            ids = torch.tensor(tokenizer.encode(it["prompt"]), device=next(model.parameters()).device)
+            out = model.generate([ids], max_new_tokens=max_new_tokens, temperature=0.0,
+                                 eos_token_id=tokenizer.eos_token_id)
+            n = int(out.num_generated[0])
+            gens.append(tokenizer.decode(out.tokens[0, :n].tolist()))
+        scores[L] = substring_match(gens, [it["answer"] for it in items])
+        log(f"NIAH-Single-1 @ {L} tokens: {100 * scores[L]:.1f}")
+    return scores
