@@ -80,9 +80,8 @@ def blocks_of(model: nn.Module) -> nn.ModuleList:
 def parallelize(model: nn.Module, mode: str, info: DistInfo, compile_blocks: bool = False) -> nn.Module:
     """Compile each block (optional), then wrap: mode "none" | "ddp" | "fsdp"."""
     if compile_blocks:
-        layers = blocks_of(model)
-        for i, block in enumerate(layers):
-            layers[i] = torch.compile(block)
+        for block in blocks_of(model):
+            block.compile()  # in place: parameter names (checkpoints, decay groups) stay unchanged
     if mode == "ddp":
         ids = [info.local_rank] if info.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
