@@ -1,14 +1,16 @@
 """Mamba-3 SISO on Triton kernels (impl="triton").
 
-Layout of the computation (the single-SSD fold of chunked.py, SPEC section 2):
-    1. per-token preparation in PyTorch (differentiable): per-head biased q/k, cumulative rotary
-       phase, rotation, trapezoid scale c, un-rotated diagonal <q, k> and the entering state
-    2. the scalar-decay SSD core on Triton kernels, chunk-parallel (triton_siso_fwd.py,
-       triton_siso_bwd.py) behind a torch.autograd.Function
-    3. the skip/diagonal term and the gate, in PyTorch
-Inputs are fp32, bf16 or fp16 (the core multiplies in the input dtype, accumulates in fp32; fp32
-inputs multiply in full fp32). Varlen input is right-padded per sequence (padding has dt = dA = 0,
-which changes nothing), as chunked.py does.
+Single-SSD fold of chunked.py (SPEC section 2), chunk-parallel:
+    forward  (triton_siso_fwd.py): per-chunk phase starts in PyTorch ([B, H, nc, S]); kernel 1 per
+             (chunk, batch*head) builds biased/rotated/scaled k in registers and the chunk-local
+             state; kernel 2 scans the chunk states; kernel 3 per chunk rebuilds q, k and writes
+             intra + inter + (D + gamma <q, k>) x, gated by silu(z).
+    backward (triton_siso_bwd.py): SSD-core backward (three launches mirroring the forward), a
+             kernel back through bias/rotation/scale per chunk, and [B, T, H(, S)] PyTorch algebra
+             (reverse phase cumsum, dt/trap chain rule, group and bias reductions).
+Inputs fp32, bf16 or fp16: matmul operands in v's dtype (fp32 multiplies in full fp32), fp32
+accumulation. Varlen input is right-padded per sequence (padding has dt = dA = 0, which changes
+nothing), as chunked.py does.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from torch import Tensor
 
 from ..utils import pack_to_padded, padded_to_pack, seq_lengths
 from .common import Mamba3State, angle_increments, cumulative_angles, expand_groups, rotate_interleaved
-from .triton_siso_bwd import ssd_core_bwd
+from .triton_siso_bwd import prep_bwd, ssd_core_bwd
 from .triton_siso_fwd import INTERPRET, chunk_start_phases, mamba3_fused_fwd, ssd_core_fwd
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -131,57 +133,33 @@ def _entering_state(s0, k0, v0, lam0, dt0):
     return s0.float() + ((1.0 - lam0) * dt0)[..., None, None] * v0.float().unsqueeze(-1) * k0.float().unsqueeze(-2)
 
 
-def _prep(q, k, dt, trap, q_bias, k_bias, angles, a0, s0, k0, v0, H, kd):
-    """PyTorch form of what the fused kernels compute per token (differentiable): rotated q,
-    scaled rotated k (in the core dtype), the diagonal gamma <q, k> and the entering state."""
-    dt32 = dt.float()
-    qh = expand_groups(q.float(), H) + q_bias.float()
-    kh = expand_groups(k.float(), H) + k_bias.float()
-    theta = cumulative_angles(angle_increments(dt32, angles.float()), None if a0 is None else a0.float())
-    lam = torch.sigmoid(trap.float())
-    gamma = lam * dt32
-    c = gamma + F.pad(((1.0 - lam) * dt32)[:, 1:], (0, 0, 0, 1))
-    Q = rotate_interleaved(qh, theta).to(kd)
-    K = (rotate_interleaved(kh, theta) * c.unsqueeze(-1)).to(kd)
-    diag = gamma * (qh * kh).sum(-1)
-    return Q, K, diag, _entering_state(s0, k0, v0, lam[:, 0], dt32[:, 0])
-
-
 class Mamba3SisoFn(torch.autograd.Function):
-    """Fused Triton forward; backward = PyTorch recomputation of the per-token preparation +
-    Triton SSD-core backward kernels + autograd through the preparation."""
+    """Fused Triton forward (saves the prepared Q, K, the pre-gate output and the entering chunk
+    states); backward = Triton SSD-core backward kernels, then a Triton kernel back through the
+    per-token preparation, then [B, T, H]-sized PyTorch algebra for dt, trap, angles and states."""
 
     @staticmethod
     def forward(ctx, q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, a0, s0, k0, v0, th0, chunk_size):
-        H = v.shape[2]
         kd = torch.float32 if INTERPRET else v.dtype
         cont = lambda t: None if t is None else t.contiguous()
         q, k, v, dA, dt, trap, angles, z = map(cont, (q, k, v, dA, dt, trap, angles, z))
         S0 = _entering_state(s0, k0, v0, torch.sigmoid(trap[:, 0].float()), dt[:, 0].float())
         train = any(ctx.needs_input_grad)
-        y, ypre, states, dec, final = mamba3_fused_fwd(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, th0,
-                                                       S0, chunk_size, save_pre=train and z is not None,
-                                                       dot_dtype=kd)
+        y, saved, states, dec, final = mamba3_fused_fwd(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, th0,
+                                                        S0, chunk_size, save_pre=train, dot_dtype=kd)
         if train:
-            ctx.save_for_backward(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, a0, s0, k0, v0,
-                                  ypre, states, dec)
-        ctx.meta = (H, kd, chunk_size)
+            ctx.save_for_backward(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, a0, s0, k0, v0, th0,
+                                  *saved, states, dec)
+        ctx.meta = (kd, chunk_size)
         return y, final
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, a0, s0, k0, v0, ypre, states, dec = ctx.saved_tensors
-        H, kd, C = ctx.meta
-        need = ctx.needs_input_grad
-        prep_in = dict(q=q, k=k, dt=dt, trap=trap, q_bias=q_bias, k_bias=k_bias, angles=angles, a0=a0, s0=s0,
-                       k0=k0, v0=v0)
-        idx = dict(q=0, k=1, dt=4, trap=5, q_bias=6, k_bias=7, angles=8, a0=11, s0=12, k0=13, v0=14)
-        with torch.enable_grad():
-            leaves = {n: (t.detach().requires_grad_(True) if t is not None and need[idx[n]] else t)
-                      for n, t in prep_in.items()}
-            Q, K, diag, S0 = _prep(leaves["q"], leaves["k"], leaves["dt"], leaves["trap"], leaves["q_bias"],
-                                   leaves["k_bias"], leaves["angles"], leaves["a0"], leaves["s0"], leaves["k0"],
-                                   leaves["v0"], H, kd)
+        (q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, a0, s0, k0, v0, th0,
+         ypre, Q, K, states, dec) = ctx.saved_tensors
+        kd, C = ctx.meta
+        B, T, H, P = v.shape
+        G, N = q.shape[2], q.shape[3]
         dy = torch.zeros(v.shape, device=v.device) if dy is None else dy.float()
         dz = None
         if z is not None:
@@ -191,23 +169,43 @@ class Mamba3SisoFn(torch.autograd.Function):
         else:
             dO = dy
         vk = v if v.dtype == kd else v.to(kd)
-        dQ, dK, dV, ddA, dS0 = ssd_core_bwd(Q.detach().contiguous(), K.detach().contiguous(), vk, dA,
-                                            dO.to(kd).contiguous(), states, dec,
+        dQ, dK, dV, ddA, dS0 = ssd_core_bwd(Q, K, vk, dA, dO.to(kd).contiguous(), states, dec,
                                             None if dfinal is None else dfinal.float().contiguous(), C)
-        dskip = (dO * v.float()).sum(-1)                                       # [B, T, H]
-        skip = diag.detach() if D is None else diag.detach() + D.float()
-        dV = dV + skip.unsqueeze(-1) * dO
-        outs, grads = [], []
-        for t_, g_ in ((Q, dQ), (K, dK), (diag, dskip), (S0, dS0)):
-            if t_ is not None and t_.requires_grad:
-                outs.append(t_)
-                grads.append(g_.to(t_.dtype))
-        if outs:
-            torch.autograd.backward(outs, grads)
-        g = lambda n: None if leaves[n] is None or not need[idx[n]] else leaves[n].grad
+        dskip = (dO * v.float()).sum(-1).contiguous()                          # [B, T, H]
+        dqh, dkh, dth, dcs, qk = prep_bwd(q, k, q_bias, k_bias, dt, trap, angles, th0, dQ, dK, dskip, C)
+        lam = torch.sigmoid(trap.float())
+        dt32 = dt.float()
+        skip = lam * dt32 * qk if D is None else lam * dt32 * qk + D.float()   # D + gamma <q, k>
+        dv = dV + skip.unsqueeze(-1) * dO
+        # phase: theta_t = a0 + sum_{r<=t} dt_r pi tanh(angles_r)  ->  reverse cumsum
+        dinc = dth.flip(1).cumsum(1).flip(1)                                  # [B, T, H, S]
+        th = torch.tanh(angles.float())
+        rate = torch.pi * th
+        if angles.dim() == 3:
+            ddt_phase = (dinc * rate.unsqueeze(2)).sum(-1)
+            dang = ((dinc * dt32.unsqueeze(-1)).sum(2) * torch.pi * (1 - th * th))
+        else:
+            ddt_phase = (dinc * rate).sum(-1)
+            dang = dinc * dt32.unsqueeze(-1) * torch.pi * (1 - th * th)
+        # c_t = gamma_t + u_{t+1}, u_t = (1 - lam_t) dt_t;  S0 = s0 + u_0 v0 k0^T
+        dgamma = dcs + dskip * qk
+        du = F.pad(dcs[:, :-1], (0, 0, 1, 0))
+        if s0 is not None:
+            du[:, 0] = du[:, 0] + torch.einsum("bhpn,bhp,bhn->bh", dS0, v0.float(), k0.float())
+        ddt = dgamma * lam + du * (1.0 - lam) + ddt_phase
+        dtrap = (dgamma * dt32 - du * dt32) * lam * (1.0 - lam)
+        dq = dqh.view(B, T, G, H // G, N).sum(3)
+        dk = dkh.view(B, T, G, H // G, N).sum(3)
+        da0 = ds0 = dk0 = dv0 = None
+        if s0 is not None:
+            u0 = ((1.0 - lam[:, 0]) * dt32[:, 0])[..., None]
+            ds0 = dS0
+            dv0 = u0 * torch.einsum("bhpn,bhn->bhp", dS0, k0.float())
+            dk0 = u0 * torch.einsum("bhpn,bhp->bhn", dS0, v0.float())
+        if a0 is not None:
+            da0 = dinc[:, 0]
         cast = lambda gr, ref: None if gr is None or ref is None else gr.to(ref.dtype)
-        dD = None if D is None else dskip.sum((0, 1))
-        return (cast(g("q"), q), cast(g("k"), k), cast(dV, v), cast(ddA, dA), cast(g("dt"), dt),
-                cast(g("trap"), trap), cast(g("q_bias"), q_bias), cast(g("k_bias"), k_bias),
-                cast(g("angles"), angles), cast(dD, D), cast(dz, z), cast(g("a0"), a0), cast(g("s0"), s0),
-                cast(g("k0"), k0), cast(g("v0"), v0), None, None)
+        return (cast(dq, q), cast(dk, k), cast(dv, v), cast(ddA, dA), cast(ddt, dt), cast(dtrap, trap),
+                cast(dqh.sum((0, 1)), q_bias), cast(dkh.sum((0, 1)), k_bias), cast(dang, angles),
+                None if D is None else dskip.sum((0, 1)).to(D.dtype), cast(dz, z), cast(da0, a0), cast(ds0, s0),
+                cast(dk0, k0), cast(dv0, v0), None, None)

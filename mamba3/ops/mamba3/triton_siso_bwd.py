@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_siso_fwd import _load_chunk, _load_ell, dot_precision, static_loop
+from .triton_siso_fwd import (_chunk_coeffs, _chunk_phase, _load_chunk, _load_ell, _rotated_pairs, dot_precision,
+                              static_loop)
 
 
 @triton.jit
@@ -165,3 +166,71 @@ def ssd_core_bwd(Q, K, V, dA, dY, states, dec, dSF, chunk_size: int):
                                    *dY.stride()[:3], CHUNK=C, BLOCK_N=BN, BLOCK_P=BP, PREC=prec,
                                    num_warps=nw)
     return dQ, dK, dV, ddA, dS0
+
+
+@triton.jit
+def _prep_bwd_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, dQ, dK, DSKIP, DQH, DKH, DTH, DCS, DGD,
+                     T, H, G, nc, N, S, sqb, sqt, sqg, sdb, sdt, sdh, sab, sat, sah,
+                     CHUNK: tl.constexpr, BLOCK_N2: tl.constexpr):
+    """Back through the per-token preparation of one chunk: from dQ (rotated q) and dK (rotated,
+    scaled k) [B, T, H, N] fp32 and d(skip) [B, T, H] to the per-head gradients of the biased,
+    un-rotated q and k (DQH, DKH [B, T, H, N]), of the phase (DTH [B, T, H, S]), of the scale c
+    (DCS) [B, T, H], and the un-rotated dot <q + q_bias, k + k_bias> (DGD) [B, T, H]."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    g = h // (H // G)
+    t = c * CHUNK + tl.arange(0, CHUNK)
+    tm = t < T
+    dt, gamma, cs = _chunk_coeffs(DT, TRAP, b, h, c, T, sdb, sdt, sdh, CHUNK)
+    cos, sin = _chunk_phase(ANG, TH0, dt, b, bh, c, T, nc, S, sab, sat, sah, h, CHUNK, BLOCK_N2)
+    qe, qo, qre, qro = _rotated_pairs(Q, QB, b, g, h, t, T, N, sqb, sqt, sqg, cos, sin, BLOCK_N2)
+    ke, ko, kre, kro = _rotated_pairs(K, KB, b, g, h, t, T, N, sqb, sqt, sqg, cos, sin, BLOCK_N2)
+    i = tl.arange(0, BLOCK_N2)
+    ev = 2 * i
+    row = ((b * T + t) * H + h) * N
+    me = tm[:, None] & (ev[None, :] < N)
+    mo = tm[:, None] & (ev[None, :] + 1 < N)
+    dqe = tl.load(dQ + row[:, None] + ev[None, :], mask=me, other=0.0)
+    dqo = tl.load(dQ + row[:, None] + ev[None, :] + 1, mask=mo, other=0.0)
+    dke = tl.load(dK + row[:, None] + ev[None, :], mask=me, other=0.0)
+    dko = tl.load(dK + row[:, None] + ev[None, :] + 1, mask=mo, other=0.0)
+    dcs = tl.sum(dke * kre + dko * kro, axis=1)
+    dke = dke * cs[:, None]
+    dko = dko * cs[:, None]
+    # rotation (e, o) -> (e c - o s, e s + o c): d theta = -de' ro + do' re for q and k
+    dth = qre * dqo - qro * dqe + kre * dko - kro * dke
+    tl.store(DTH + ((b * T + t[:, None]) * H + h) * S + i[None, :], dth, mask=tm[:, None] & (i[None, :] < S))
+    dsk = tl.load(DSKIP + (b * T + t) * H + h, mask=tm, other=0.0)
+    gd = (dsk * gamma)[:, None]
+    dqe_u = dqe * cos + dqo * sin + gd * ke
+    dqo_u = dqo * cos - dqe * sin + gd * ko
+    dke_u = dke * cos + dko * sin + gd * qe
+    dko_u = dko * cos - dke * sin + gd * qo
+    tl.store(DQH + row[:, None] + ev[None, :], dqe_u, mask=me)
+    tl.store(DQH + row[:, None] + ev[None, :] + 1, dqo_u, mask=mo)
+    tl.store(DKH + row[:, None] + ev[None, :], dke_u, mask=me)
+    tl.store(DKH + row[:, None] + ev[None, :] + 1, dko_u, mask=mo)
+    tl.store(DCS + (b * T + t) * H + h, dcs, mask=tm)
+    tl.store(DGD + (b * T + t) * H + h, tl.sum(qe * ke + qo * ko, axis=1), mask=tm)
+
+
+def prep_bwd(q, k, q_bias, k_bias, dt, trap, angles, th0, dQ, dK, dskip, chunk_size):
+    """Launch :func:`_prep_bwd_kernel` (raw inputs contiguous as in the forward). Returns
+    (dqh, dkh [B, T, H, N], dtheta [B, T, H, S], dc, diag dot [B, T, H]), all fp32."""
+    B, T, H = dt.shape
+    G, N = q.shape[2], q.shape[3]
+    S = angles.shape[-1]
+    nc = th0.shape[2]
+    f32 = dict(device=dt.device, dtype=torch.float32)
+    dqh, dkh = torch.empty(B, T, H, N, **f32), torch.empty(B, T, H, N, **f32)
+    dth = torch.empty(B, T, H, S, **f32)
+    dcs, dgd = torch.empty(B, T, H, **f32), torch.empty(B, T, H, **f32)
+    sa = (angles.stride(0), angles.stride(1), 0 if angles.dim() == 3 else angles.stride(2))
+    BN2 = max(32, triton.next_power_of_2(N)) // 2
+    _prep_bwd_kernel[(nc, B * H)](q, k, q_bias.float().contiguous(), k_bias.float().contiguous(), dt, trap, angles,
+                                  th0, dQ, dK, dskip, dqh, dkh, dth, dcs, dgd, T, H, G, nc, N, S,
+                                  *q.stride()[:3], *dt.stride(), *sa, CHUNK=chunk_size, BLOCK_N2=BN2,
+                                  num_warps=4)
+    return dqh, dkh, dth, dcs, dgd

@@ -259,13 +259,14 @@ def _fused_state_kernel(K, KB, V, dA, DT, TRAP, ANG, TH0, ST, DEC, T, H, G, nc, 
 
 
 @triton.jit
-def _fused_out_kernel(Q, K, QB, KB, V, dA, DT, TRAP, ANG, TH0, Dp, Z, ST, Y, YPRE,
+def _fused_out_kernel(Q, K, QB, KB, V, dA, DT, TRAP, ANG, TH0, Dp, Z, ST, Y, YPRE, QS, KS,
                       T, H, G, nc, N, P, S,
                       sqb, sqt, sqg, svb, svt, svh, sdb, sdt, sdh, sab, sat, sah,
                       HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SAVE_PRE: tl.constexpr,
                       CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
                       PREC: tl.constexpr):
-    """Q, K share strides (same [B, T, G, N] layout); V, Z, Y, YPRE share V's strides."""
+    """Q, K share strides (same [B, T, G, N] layout); V, Z, Y, YPRE share V's strides. With
+    SAVE_PRE also stores the pre-gate output and the prepared per-head QS, KS [B, T, H, N]."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -300,6 +301,10 @@ def _fused_out_kernel(Q, K, QB, KB, V, dA, DT, TRAP, ANG, TH0, Dp, Z, ST, Y, YPR
     off = b * svb + t[:, None] * svt + h * svh + p[None, :]
     if SAVE_PRE:
         tl.store(YPRE + off, y.to(YPRE.dtype.element_ty), mask=mask)
+        offn = ((b * T + t[:, None]) * H + h) * N + n[None, :]
+        maskn = (t[:, None] < T) & (n[None, :] < N)
+        tl.store(QS + offn, q, mask=maskn)
+        tl.store(KS + offn, k, mask=maskn)
     if HAS_Z:
         z = tl.load(Z + off, mask=mask, other=0.0).to(tl.float32)
         y = y * z * tl.sigmoid(z)
@@ -335,8 +340,8 @@ def mamba3_fused_fwd(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, th0, S
                      save_pre=False, dot_dtype=None):
     """Fused forward on raw inputs (contiguous; dA, dt, trap [B, T, H] with equal strides).
 
-    Returns (y [B, T, H, P] in v's dtype, y_pre (before the gate) or None, entering states,
-    chunk decays, final state fp32)."""
+    Returns (y [B, T, H, P] in v's dtype, saved or None, entering states, chunk decays, final
+    state fp32); saved = (y before the gate, prepared Q, K [B, T, H, N]) when ``save_pre``."""
     B, T, H, P = v.shape
     G, N = q.shape[2], q.shape[3]
     S = angles.shape[-1]
@@ -350,6 +355,8 @@ def mamba3_fused_fwd(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, th0, S
     final = torch.empty(B, H, P, N, device=v.device, dtype=torch.float32)
     y = torch.empty(B, T, H, P, device=v.device, dtype=v.dtype)
     ypre = torch.empty_like(y) if save_pre else y
+    qs = torch.empty(B, T, H, N, device=v.device, dtype=dd) if save_pre else y
+    ks = torch.empty(B, T, H, N, device=v.device, dtype=dd) if save_pre else y
     BN, BP = max(32, triton.next_power_of_2(N)), max(16, triton.next_power_of_2(P))
     prec = dot_precision(dd)
     nw = 4 if C * max(BN, BP) <= 4096 else 8
@@ -365,8 +372,8 @@ def mamba3_fused_fwd(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, th0, S
                                                        HAS_S0=S0 is not None, BLOCK=BLOCK,
                                                        NC_STATIC=static_loop(nc), num_warps=4)
     _fused_out_kernel[(nc, B * H)](q, k, qb, kb, vk, dA, dt, trap, angles, th0,
-                                   D if D is not None else dec, z if z is not None else y, states, y, ypre,
+                                   D if D is not None else dec, z if z is not None else y, states, y, ypre, qs, ks,
                                    T, H, G, nc, N, P, S, *q.stride()[:3], *vk.stride()[:3], *dA.stride(), *sa,
                                    HAS_D=D is not None, HAS_Z=z is not None, SAVE_PRE=save_pre,
                                    CHUNK=C, BLOCK_N=BN, BLOCK_P=BP, PREC=prec, num_warps=nw)
-    return y, (ypre if save_pre else None), states, dec, final
+    return y, ((ypre, qs, ks) if save_pre else None), states, dec, final
