@@ -139,6 +139,11 @@ def _autocast(cfg: SyntheticConfig):
     return nullcontext()
 
 
+def _sync(cfg):
+    if cfg.device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def _loss(model, batch, cfg):
     with _autocast(cfg):
         logits = model(batch.input_ids).logits
@@ -197,17 +202,20 @@ def run_synthetic(cfg: SyntheticConfig, log=print) -> dict:
     steps = cfg.steps_per_stage
     if cfg.budget_seconds is not None:  # time a few steps at the longest stage, then fit the budget
         n_probe = 5
+        for i in range(2):  # untimed: CUDA / Triton warm-up and autotuning
+            train_step(i, n_probe * 100, stages[-1])
+        _sync(cfg)
         t = time.time()
         for i in range(n_probe):
             train_step(i, n_probe * 100, stages[-1])
-        if cfg.device.startswith("cuda"):
-            torch.cuda.synchronize()
+        _sync(cfg)
         per_step = (time.time() - t) / n_probe
         t = time.time()
         evaluate(model, val, cfg)
         per_eval = time.time() - t
         left = cfg.budget_seconds - (time.time() - t0) - per_eval * len(stages)
-        steps = max(1, min(steps, int(left / (per_step * len(stages)))))
+        per = per_step + (per_eval / cfg.eval_every if cfg.eval_every else 0.0)
+        steps = max(1, min(steps, int(left / (per * len(stages)))))
         model = build_model(cfg, vocab).to(cfg.device)  # restart from a fresh init
         torch.manual_seed(cfg.seed)
         opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
