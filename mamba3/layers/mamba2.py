@@ -35,18 +35,25 @@ class Mamba2Cache(LayerCache):
 class Mamba2(nn.Module):
     """Mamba-2 mixer. Constructor names, defaults, initialisation and state-dict keys follow the
     official ``mamba_ssm.modules.mamba2.Mamba2`` (in_proj, conv1d, dt_bias, A_log, D, norm,
-    out_proj) so its checkpoints load with strict=True (tensor-parallel and d_ssm options aside).
+    out_proj) so its checkpoints load with strict=True (tensor-parallel and d_ssm < d_inner aside).
     Extension (keyword-only): ``impl`` for the SSD op ("auto", "reference", "chunked").
     """
 
     def __init__(self, d_model: int, d_state: int = 128, d_conv: int = 4, conv_init: Optional[float] = None,
-                 expand: int = 2, headdim: int = 64, ngroups: int = 1, A_init_range=(1, 16),
-                 D_has_hdim: bool = False, rmsnorm: bool = True, norm_before_gate: bool = False,
-                 dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
-                 dt_limit=(0.0, float("inf")), bias: bool = False, conv_bias: bool = True, chunk_size: int = 256,
-                 layer_idx: Optional[int] = None, device=None, dtype=None, *, impl: str = "auto"):
+                 expand: int = 2, headdim: int = 64, d_ssm: Optional[int] = None, ngroups: int = 1,
+                 A_init_range=(1, 16), D_has_hdim: bool = False, rmsnorm: bool = True,
+                 norm_before_gate: bool = False, dt_min: float = 0.001, dt_max: float = 0.1,
+                 dt_init_floor: float = 1e-4, dt_limit=(0.0, float("inf")), bias: bool = False,
+                 conv_bias: bool = True, chunk_size: int = 256, use_mem_eff_path: bool = True,
+                 layer_idx: Optional[int] = None, process_group=None, sequence_parallel: bool = True,
+                 device=None, dtype=None, *, impl: str = "auto"):
         super().__init__()
         fk = dict(device=device, dtype=dtype)
+        # Official arguments kept for signature compatibility; use_mem_eff_path only picks a kernel there.
+        if d_ssm is not None and d_ssm != expand * d_model:
+            raise ValueError(f"d_ssm (SSM on part of d_inner, gated MLP on the rest) is not supported; got {d_ssm}")
+        if process_group is not None:
+            raise ValueError("tensor parallelism (process_group) is not supported")
         for name, val in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand),
                           ("headdim", headdim), ("ngroups", ngroups), ("chunk_size", chunk_size)):
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:

@@ -127,6 +127,8 @@ def test_float32_layer_close_to_float64():
     (dict(ngroups=3), r"ngroups=3 must divide the number of heads"),
     (dict(d_state=0), r"d_state must be a positive int"),
     (dict(A_init_range=(0, 16)), r"A_init_range must satisfy"),
+    (dict(d_ssm=16), r"d_ssm .* is not supported"),
+    (dict(process_group=object()), r"tensor parallelism \(process_group\) is not supported"),
 ])
 def test_constructor_errors(kw, match):
     args = dict(d_model=16, d_state=8, headdim=4)
@@ -172,3 +174,8 @@ def test_bfloat16_layer_keeps_fp32_ssm_state():
     ys = torch.stack([m.step(u[:, t], cache) for t in range(9)], dim=1)
     assert y.dtype == ys.dtype == torch.bfloat16
     torch.testing.assert_close(ys.float(), y.float(), rtol=5e-2, atol=5e-2)
+
+
+def test_positional_arguments_follow_official_order():
+    m = Mamba2(16, 8, 3, None, 2, 4, None, 2)   # d_model, d_state, d_conv, conv_init, expand, headdim, d_ssm, ngroups
+    assert (m.d_state, m.d_conv, m.headdim, m.ngroups) == (8, 3, 4, 2)
