@@ -73,7 +73,7 @@ def test_forward_backward_matches_reference(chunk):
 
 
 def test_initial_state_per_head_angles_groups_and_final_state_grad():
-    B, T, G, H, N, P, S = 2, 21, 2, 4, 16, 16, 8
+    B, T, G, H, N, P, S = 2, 70, 2, 4, 16, 16, 8  # 5 chunks: two unrolled scan steps
     xs = make_inputs(B=B, T=T, G=G, H=H, N=N, P=P, S=S, per_head_angles=True, seed=3)
     init = make_state(B, H, P, N, S)
     x64, y_ref, fin_ref = reference64(xs, initial_state=init)

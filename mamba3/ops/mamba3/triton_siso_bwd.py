@@ -40,11 +40,26 @@ def _chunk_dstate_kernel(Q, dY, dA, GS, T, H, nc, N, P,
 
 @triton.jit
 def _dscan_step(GS, DEC, carry, bh, c, nc, PN, offs, mask):
-    ptrs = GS + (bh * nc + c) * PN + offs
-    loc = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    decay = tl.exp(tl.load(DEC + bh * nc + c))
-    tl.store(ptrs, carry.to(GS.dtype.element_ty), mask=mask)
-    return loc + decay * carry
+    """Chunks c, c-1, c-2, c-3 (those >= 0): all loads first (see the forward's _scan_step)."""
+    base = GS + bh * nc * PN + offs
+    m0, m1, m2, m3 = mask & (c >= 0), mask & (c >= 1), mask & (c >= 2), mask & (c >= 3)
+    l0 = tl.load(base + c * PN, mask=m0, other=0.0).to(tl.float32)
+    l1 = tl.load(base + (c - 1) * PN, mask=m1, other=0.0).to(tl.float32)
+    l2 = tl.load(base + (c - 2) * PN, mask=m2, other=0.0).to(tl.float32)
+    l3 = tl.load(base + (c - 3) * PN, mask=m3, other=0.0).to(tl.float32)
+    d0 = tl.exp(tl.load(DEC + bh * nc + c, mask=c >= 0, other=0.0))
+    d1 = tl.exp(tl.load(DEC + bh * nc + c - 1, mask=c >= 1, other=0.0))
+    d2 = tl.exp(tl.load(DEC + bh * nc + c - 2, mask=c >= 2, other=0.0))
+    d3 = tl.exp(tl.load(DEC + bh * nc + c - 3, mask=c >= 3, other=0.0))
+    dt_ = GS.dtype.element_ty
+    tl.store(base + c * PN, carry.to(dt_), mask=m0)
+    carry = l0 + d0 * carry
+    tl.store(base + (c - 1) * PN, carry.to(dt_), mask=m1)
+    carry = l1 + d1 * carry
+    tl.store(base + (c - 2) * PN, carry.to(dt_), mask=m2)
+    carry = l2 + d2 * carry
+    tl.store(base + (c - 3) * PN, carry.to(dt_), mask=m3)
+    return l3 + d3 * carry
 
 
 @triton.jit
@@ -59,11 +74,11 @@ def _dstate_scan_kernel(GS, DEC, dSF, dS0, nc, PN, HAS_DSF: tl.constexpr, BLOCK:
     else:
         carry = tl.zeros([BLOCK], dtype=tl.float32)
     if NC_STATIC > 0:
-        for i in range(NC_STATIC):
-            carry = _dscan_step(GS, DEC, carry, bh, NC_STATIC - 1 - i, nc, PN, offs, mask)
+        for i in range((NC_STATIC + 3) // 4):
+            carry = _dscan_step(GS, DEC, carry, bh, NC_STATIC - 1 - 4 * i, nc, PN, offs, mask)
     else:
-        for i in range(nc):
-            carry = _dscan_step(GS, DEC, carry, bh, nc - 1 - i, nc, PN, offs, mask)
+        for i in range(0, tl.cdiv(nc, 4)):
+            carry = _dscan_step(GS, DEC, carry, bh, nc - 1 - 4 * i, nc, PN, offs, mask)
     tl.store(dS0 + bh * PN + offs, carry, mask=mask)
 
 
@@ -155,7 +170,7 @@ def ssd_core_bwd(Q, K, V, dA, dY, states, dec, dSF, chunk_size: int):
                                       *dA.stride(), CHUNK=C, BLOCK_N=BN, BLOCK_P=BP, PREC=prec,
                                       num_warps=nw)
     PN = P * N
-    BLOCK = min(1024, triton.next_power_of_2(PN))
+    BLOCK = min(512, triton.next_power_of_2(PN))
     dsf = dSF if dSF is not None else dS0
     _dstate_scan_kernel[(triton.cdiv(PN, BLOCK), B * H)](gs, dec, dsf, dS0, nc, PN,
                                                         HAS_DSF=dSF is not None, BLOCK=BLOCK,

@@ -67,11 +67,27 @@ def _chunk_state_kernel(K, V, dA, ST, DEC, T, H, nc, N, P,
 
 @triton.jit
 def _scan_step(ST, DEC, carry, bh, c, nc, PN, offs, mask):
-    ptrs = ST + (bh * nc + c) * PN + offs
-    loc = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    decay = tl.exp(tl.load(DEC + bh * nc + c))
-    tl.store(ptrs, carry.to(ST.dtype.element_ty), mask=mask)
-    return decay * carry + loc
+    """UNROLL=4 chunks per call: all loads first, so the serial chain pays one memory latency
+    per four chunks (the chunk states of one (batch, head) are walked in order)."""
+    base = ST + bh * nc * PN + offs
+    m0, m1, m2, m3 = mask & (c < nc), mask & (c + 1 < nc), mask & (c + 2 < nc), mask & (c + 3 < nc)
+    l0 = tl.load(base + c * PN, mask=m0, other=0.0).to(tl.float32)
+    l1 = tl.load(base + (c + 1) * PN, mask=m1, other=0.0).to(tl.float32)
+    l2 = tl.load(base + (c + 2) * PN, mask=m2, other=0.0).to(tl.float32)
+    l3 = tl.load(base + (c + 3) * PN, mask=m3, other=0.0).to(tl.float32)
+    d0 = tl.exp(tl.load(DEC + bh * nc + c, mask=c < nc, other=0.0))
+    d1 = tl.exp(tl.load(DEC + bh * nc + c + 1, mask=c + 1 < nc, other=0.0))
+    d2 = tl.exp(tl.load(DEC + bh * nc + c + 2, mask=c + 2 < nc, other=0.0))
+    d3 = tl.exp(tl.load(DEC + bh * nc + c + 3, mask=c + 3 < nc, other=0.0))
+    dt_ = ST.dtype.element_ty
+    tl.store(base + c * PN, carry.to(dt_), mask=m0)
+    carry = d0 * carry + l0
+    tl.store(base + (c + 1) * PN, carry.to(dt_), mask=m1)
+    carry = d1 * carry + l1
+    tl.store(base + (c + 2) * PN, carry.to(dt_), mask=m2)
+    carry = d2 * carry + l2
+    tl.store(base + (c + 3) * PN, carry.to(dt_), mask=m3)
+    return d3 * carry + l3
 
 
 @triton.jit
@@ -87,11 +103,11 @@ def _state_scan_kernel(ST, DEC, S0, SF, nc, PN, HAS_S0: tl.constexpr, BLOCK: tl.
     else:
         carry = tl.zeros([BLOCK], dtype=tl.float32)
     if NC_STATIC > 0:  # interpreter: loop bounds must be Python ints
-        for c in range(NC_STATIC):
-            carry = _scan_step(ST, DEC, carry, bh, c, nc, PN, offs, mask)
+        for c4 in range((NC_STATIC + 3) // 4):
+            carry = _scan_step(ST, DEC, carry, bh, c4 * 4, nc, PN, offs, mask)
     else:
-        for c in range(nc):
-            carry = _scan_step(ST, DEC, carry, bh, c, nc, PN, offs, mask)
+        for c4 in range(0, tl.cdiv(nc, 4)):
+            carry = _scan_step(ST, DEC, carry, bh, c4 * 4, nc, PN, offs, mask)
     tl.store(SF + bh * PN + offs, carry, mask=mask)
 
 
@@ -158,7 +174,7 @@ def ssd_core_fwd(Q, K, V, dA, S0, chunk_size: int, state_dtype=None):
                                      *K.stride()[:3], *V.stride()[:3], *dA.stride(),
                                      CHUNK=C, BLOCK_N=BN, BLOCK_P=BP, PREC=prec, num_warps=nw)
     PN = P * N
-    BLOCK = min(1024, triton.next_power_of_2(PN))
+    BLOCK = min(512, triton.next_power_of_2(PN))
     s0 = S0 if S0 is not None else final
     _state_scan_kernel[(triton.cdiv(PN, BLOCK), B * H)](states, dec, s0, final, nc, PN,
                                                        HAS_S0=S0 is not None, BLOCK=BLOCK,
@@ -366,7 +382,7 @@ def mamba3_fused_fwd(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, th0, S
                                      *k.stride()[:3], *vk.stride()[:3], *dA.stride(), *sa,
                                      CHUNK=C, BLOCK_N=BN, BLOCK_P=BP, PREC=prec, num_warps=nw)
     PN = P * N
-    BLOCK = min(1024, triton.next_power_of_2(PN))
+    BLOCK = min(512, triton.next_power_of_2(PN))
     s0 = S0 if S0 is not None else final
     _state_scan_kernel[(triton.cdiv(PN, BLOCK), B * H)](states, dec, s0, final, nc, PN,
                                                        HAS_S0=S0 is not None, BLOCK=BLOCK,
