@@ -53,7 +53,7 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, a
     if activation == "silu":
         y = F.silu(y)
     final = full[:, :, full.shape[2] - (W - 1):].clone() if return_final_state else None
-    return y.transpose(1, 2), final
+    return y.transpose(1, 2).contiguous(), final   # time-major and contiguous for what follows
 
 
 def causal_conv1d_step(x: Tensor, weight: Tensor, bias: Optional[Tensor], state: Tensor, *,
