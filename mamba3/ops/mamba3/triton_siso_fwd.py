@@ -140,6 +140,7 @@ def _chunk_out_kernel(Q, K, V, dA, ST, Y, T, H, nc, N, P,
 
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+FUSED_NUM_WARPS = None  # override of the fused chunk kernels' warps (benchmarks try 4 and 8)
 
 
 def static_loop(n: int) -> int:
@@ -375,7 +376,7 @@ def mamba3_fused_fwd(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, th0, S
     ks = torch.empty(B, T, H, N, device=v.device, dtype=dd) if save_pre else y
     BN, BP = max(32, triton.next_power_of_2(N)), max(16, triton.next_power_of_2(P))
     prec = dot_precision(dd)
-    nw = 4 if C * max(BN, BP) <= 4096 else 8
+    nw = FUSED_NUM_WARPS or (4 if C * max(BN, BP) <= 4096 else 8)
     sa = (angles.stride(0), angles.stride(1), 0 if angles.dim() == 3 else angles.stride(2))
     qb, kb = q_bias.float().contiguous(), k_bias.float().contiguous()
     _fused_state_kernel[(nc, B * H)](k, kb, vk, dA, dt, trap, angles, th0, states, dec, T, H, G, nc, N, P, S,
