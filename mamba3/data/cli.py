@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from .build import DEFAULT_DOWNLOADS, DEFAULT_OUT, BuildConfig, build_corpus
@@ -26,6 +27,14 @@ def add_parser(subparsers) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
+    try:
+        return _run_build(args)
+    except (ValueError, RuntimeError) as e:  # bad option, checksum mismatch, missing client
+        print(f"data build failed: {e}", file=sys.stderr)
+        return 2
+
+
+def _run_build(args: argparse.Namespace) -> int:
     cfg = BuildConfig(sources=tuple(s.strip() for s in args.sources.split(",") if s.strip()),
                       tokenizer=args.tokenizer, out=args.out, download_dir=args.downloads,
                       val_fraction=args.val_fraction, workers=args.workers, allow_unpinned=args.allow_unpinned)

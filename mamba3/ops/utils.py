@@ -87,3 +87,32 @@ def padded_to_pack(y: Tensor, cu_seqlens: Tensor) -> Tensor:
     """[S, Tmax, ...] -> [1, total, ...] (inverse of :func:`pack_to_padded`)."""
     lengths = seq_lengths(cu_seqlens)
     return torch.cat([y[i, :n] for i, n in enumerate(lengths)], dim=0).unsqueeze(0)
+
+
+def check_same_device(**tensors) -> None:
+    """All given tensors (None skipped; tuples such as ``Mamba3State`` looked into) share one
+    device; raises ValueError naming the first argument on a different device than the first one."""
+    first = None
+    for name, t in tensors.items():
+        items = [(name, t)]
+        if isinstance(t, tuple):
+            fields = getattr(t, "_fields", None) or [str(i) for i in range(len(t))]
+            items = [(f"{name}.{f}", x) for f, x in zip(fields, t)]
+        for label, x in items:
+            if not isinstance(x, Tensor):
+                continue
+            if first is None:
+                first = (label, x.device)
+            elif x.device != first[1]:
+                raise ValueError(f"{label} is on device {x.device} but {first[0]} is on {first[1]}: "
+                                 f"all tensors must be on one device")
+
+
+def check_writable(name: str, t) -> None:
+    """A tensor updated in place (a decode state) must not alias itself (expand / stride 0)."""
+    tensors = zip(getattr(t, "_fields", range(len(t))), t) if isinstance(t, tuple) else [(None, t)]
+    for field, x in tensors:
+        if isinstance(x, Tensor) and any(s == 0 and n > 1 for s, n in zip(x.stride(), x.shape)):
+            label = name if field is None else f"{name}.{field}"
+            raise ValueError(f"{label} is updated in place but has overlapping memory (stride 0, e.g. from "
+                             f"expand); pass a materialised tensor (.clone())")

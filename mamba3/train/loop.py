@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -155,6 +156,9 @@ def _train(cfg: TrainConfig, info: par.DistInfo, log) -> dict:
     final = _final_model(model, optimizer, mode, mcfg, info)
     if info.is_main:
         final.save_pretrained(out_dir / "final")
+        tok_file = Path(cfg.data.source) / "tokenizer.json"
+        if cfg.data.source != "tiny" and tok_file.is_file():  # so `mamba3 generate --model final` decodes
+            shutil.copyfile(tok_file, out_dir / "final" / "tokenizer.json")
         log(f"model saved to {out_dir / 'final'}")
         if cfg.run.sample_tokens > 0:
             summary["sample"] = sample(final, codec, cfg)

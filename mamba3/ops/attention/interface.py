@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..utils import check_cu_seqlens, check_impl, check_tensor
+from ..utils import check_cu_seqlens, check_impl, check_same_device, check_tensor
 from .reference import attention_reference
 from .sdpa import attention_sdpa
 
@@ -22,6 +22,7 @@ def validate_attention(q, k, v, causal, window, q_offset, kv_lengths, scale, cu_
     check_tensor("v", v, [("B", B), ("S", S), ("Hkv", Hkv), ("Dv", None)])
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_same_device(q=q, k=k, v=v)
     if Hkv < 1 or H % Hkv != 0:
         raise ValueError(f"the number of query heads H={H} must be a multiple of the number of key/value heads Hkv={Hkv}")
     if not isinstance(causal, bool):

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..utils import check_tensor, pack_to_padded, padded_to_pack, seq_lengths
+from ..utils import (check_cu_seqlens, check_same_device, check_tensor, check_writable, pack_to_padded,
+                     padded_to_pack, seq_lengths)
 
 
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, activation: Optional[str] = None,
@@ -30,8 +31,12 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, a
         check_tensor("bias", bias, [("C", C)])
     if activation not in (None, "silu"):
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+    check_cu_seqlens(cu_seqlens, T, B)
+    check_same_device(x=x, weight=weight, bias=bias, initial_state=initial_state)
     if cu_seqlens is not None:
         lengths = seq_lengths(cu_seqlens)
+        if initial_state is not None:
+            check_tensor("initial_state", initial_state, [("num_seqs", len(lengths)), ("C", C), ("W-1", W - 1)])
         xp = pack_to_padded(x, cu_seqlens)
         y, st = causal_conv1d(xp, weight, bias, activation=activation, initial_state=initial_state,
                               return_final_state=False)
@@ -61,8 +66,13 @@ def causal_conv1d_step(x: Tensor, weight: Tensor, bias: Optional[Tensor], state:
     """One token: x [B, C]; ``state`` [B, C, W-1] is shifted in place. Returns y [B, C]."""
     check_tensor("x", x, [("B", None), ("C", None)])
     B, C = x.shape
+    check_tensor("weight", weight, [("C", C), ("W", None)])
     W = weight.shape[1]
+    if bias is not None:
+        check_tensor("bias", bias, [("C", C)])
     check_tensor("state", state, [("B", B), ("C", C), ("W-1", W - 1)])
+    check_same_device(x=x, weight=weight, bias=bias, state=state)
+    check_writable("state", state)
     window = torch.cat([state.to(x.dtype), x.unsqueeze(-1)], dim=-1)  # [B, C, W]
     y = (window * weight.to(x.dtype)).sum(-1)
     if bias is not None:

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..utils import check_cu_seqlens, check_impl, check_tensor
+from ..utils import check_cu_seqlens, check_impl, check_same_device, check_tensor, check_writable
 from .chunked import gated_delta_rule_chunked
 from .reference import gated_delta_rule_reference, gated_delta_step_reference
 
@@ -37,6 +37,7 @@ def validate_gated_delta(q, k, v, g, beta, scale, initial_state, cu_seqlens, chu
     if initial_state is not None:
         nseq = B if cu_seqlens is None else cu_seqlens.numel() - 1
         check_tensor("initial_state", initial_state, [("num_seqs", nseq), ("HV", HV), ("V", v.shape[3]), ("K", K)])
+    check_same_device(q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state)
 
 
 def gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *, scale: Optional[float] = None,
@@ -95,6 +96,8 @@ def gated_delta_rule_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tens
     check_tensor("beta", beta, [("B", B), ("HV", HV)])
     check_tensor("state", state, [("B", B), ("HV", HV), ("V", V), ("K", K)])
     _check_scale(scale)
+    check_same_device(q=q, k=k, v=v, g=g, beta=beta, state=state)
+    check_writable("state", state)
     o, new = gated_delta_step_reference(q, k, v, g, beta, state, K ** -0.5 if scale is None else scale)
     state.copy_(new)
     return o.to(v.dtype)

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..utils import check_cu_seqlens, check_impl, check_tensor
+from ..utils import check_cu_seqlens, check_impl, check_same_device, check_tensor, check_writable
 from .chunked import selective_scan_chunked
 from .reference import selective_scan_reference, selective_scan_step_reference
 
@@ -70,6 +70,8 @@ def selective_scan_step(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tenso
     if z is not None:
         check_tensor("z", z, [("B", Bsz), ("D", Dm)])
     check_tensor("state", state, [("B", Bsz), ("D", Dm), ("N", N)])
+    check_same_device(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, state=state)
+    check_writable("state", state)
     y, new = selective_scan_step_reference(u, delta, A, B, C, D, z, state)
     state.copy_(new)
     return y.to(u.dtype)
@@ -94,3 +96,4 @@ def validate_scan(u, delta, A, B, C, D, z, initial_state, cu_seqlens, chunk_size
     nseq = Bsz if cu_seqlens is None else cu_seqlens.numel() - 1
     if initial_state is not None:
         check_tensor("initial_state", initial_state, [("B", nseq), ("D", Dm), ("N", N)])
+    check_same_device(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, initial_state=initial_state)

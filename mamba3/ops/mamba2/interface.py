@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..utils import check_cu_seqlens, check_impl, check_tensor
+from ..utils import check_cu_seqlens, check_impl, check_same_device, check_tensor, check_writable
 from .chunked import ssd_chunked
 from .reference import ssd_reference, ssd_step_reference
 
@@ -68,6 +68,8 @@ def ssd_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
     if z is not None:
         check_tensor("z", z, [("B", Bsz), ("H", H), ("P", P)])
     check_tensor("state", state, [("B", Bsz), ("H", H), ("P", P), ("N", N)])
+    check_same_device(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, state=state)
+    check_writable("state", state)
     y, new = ssd_step_reference(x, dt, A, B, C, D, z, state)
     state.copy_(new)
     return y.to(x.dtype)
@@ -91,6 +93,7 @@ def validate_ssd(x, dt, A, B, C, D, z, initial_state, cu_seqlens, chunk_size) ->
     nseq = Bsz if cu_seqlens is None else cu_seqlens.numel() - 1
     if initial_state is not None:
         check_tensor("initial_state", initial_state, [("B", nseq), ("H", H), ("P", P), ("N", N)])
+    check_same_device(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, initial_state=initial_state)
 
 
 def _check_groups(G: int, H: int) -> None:

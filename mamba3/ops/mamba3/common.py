@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ..utils import FLOAT_DTYPES, check_cu_seqlens, check_tensor
+from ..utils import FLOAT_DTYPES, check_cu_seqlens, check_same_device, check_tensor
 
 TWO_PI = 2.0 * math.pi
 
@@ -154,12 +154,14 @@ def validate_siso(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_s
         check_tensor("D", D, [("H", H)])
     if z is not None:
         check_tensor("z", z, [("B", B), ("T", T), ("H", H), ("P", P)])
-    if not isinstance(chunk_size, int) or chunk_size < 1:
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     check_cu_seqlens(cu_seqlens, T, B)
     nseq = B if cu_seqlens is None else cu_seqlens.numel() - 1
     if initial_state is not None:
         validate_state(initial_state, nseq, H, P, N, angles.shape[-1], rank=None)
+    check_same_device(q=q, k=k, v=v, dA=dA, dt=dt, trap=trap, q_bias=q_bias, k_bias=k_bias, angles=angles, D=D, z=z,
+                      initial_state=initial_state)
 
 
 def _validate_angles(angles, B, T, H, N) -> None:

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ... import debug
-from ..utils import check_impl, check_tensor
+from ..utils import check_impl, check_same_device, check_tensor, check_writable
 from .chunked import mamba3_siso_chunked
 from .common import Mamba3State, _validate_angles, validate_siso, validate_state
 from .reference import mamba3_siso_reference, mamba3_siso_step_reference
@@ -105,12 +105,14 @@ def mamba3_siso_step(q: Tensor, k: Tensor, v: Tensor, dA: Tensor, dt: Tensor, tr
         check_tensor(name, t, [("B", B), ("H", H)])
     check_tensor("q_bias", q_bias, [("H", H), ("N", N)])
     check_tensor("k_bias", k_bias, [("H", H), ("N", N)])
-    _validate_angles(angles.unsqueeze(1), B, 1, H, N)
+    _validate_angles(angles.unsqueeze(1) if isinstance(angles, Tensor) else angles, B, 1, H, N)
     if D is not None:
         check_tensor("D", D, [("H", H)])
     if z is not None:
         check_tensor("z", z, [("B", B), ("H", H), ("P", P)])
     validate_state(state, B, H, P, N, angles.shape[-1])
+    check_same_device(q=q, k=k, v=v, dA=dA, dt=dt, trap=trap, q_bias=q_bias, k_bias=k_bias, angles=angles, D=D, z=z, state=state)
+    check_writable("state", state)
     if impl == "triton" or (impl == "auto" and triton_available(v.device)):
         from .triton_step import mamba3_siso_step_triton
         return mamba3_siso_step_triton(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, state)

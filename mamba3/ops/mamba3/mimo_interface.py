@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..utils import check_cu_seqlens, check_impl, check_tensor
+from ..utils import check_cu_seqlens, check_impl, check_same_device, check_tensor, check_writable
 from .common import Mamba3State, _validate_angles, validate_state
 from .mimo_chunked import mamba3_mimo_chunked
 from .mimo_reference import mamba3_mimo_reference, mamba3_mimo_step_reference
@@ -107,6 +107,9 @@ def mamba3_mimo(q: Tensor, k: Tensor, v: Tensor, dA: Tensor, dt: Tensor, trap: T
     nseq = B if cu_seqlens is None else cu_seqlens.numel() - 1
     if initial_state is not None:
         validate_state(initial_state, nseq, H, P, N, angles.shape[-1], rank=R)
+    check_same_device(q=q, k=k, v=v, dA=dA, dt=dt, trap=trap, q_bias=q_bias, k_bias=k_bias, angles=angles,
+                      mimo_x=mimo_x, mimo_z=mimo_z, mimo_o=mimo_o, D=D, z=z, outproj_norm_weight=outproj_norm_weight,
+                      initial_state=initial_state)
     args = (q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z)
     kw = dict(initial_state=initial_state, return_final_state=return_final_state, cu_seqlens=cu_seqlens,
               chunk_size=chunk_size, outproj_norm_weight=outproj_norm_weight, outproj_norm_eps=outproj_norm_eps)
@@ -133,8 +136,11 @@ def mamba3_mimo_step(q: Tensor, k: Tensor, v: Tensor, dA: Tensor, dt: Tensor, tr
     B = v.shape[0]
     for name, t in (("dA", dA), ("dt", dt), ("trap", trap)):
         check_tensor(name, t, [("B", B), ("H", H)])
-    _validate_angles(angles.unsqueeze(1), B, 1, H, N)
+    _validate_angles(angles.unsqueeze(1) if isinstance(angles, Tensor) else angles, B, 1, H, N)
     validate_state(state, B, H, P, N, angles.shape[-1], rank=R)
+    check_same_device(q=q, k=k, v=v, dA=dA, dt=dt, trap=trap, q_bias=q_bias, k_bias=k_bias, angles=angles,
+                      mimo_x=mimo_x, mimo_z=mimo_z, mimo_o=mimo_o, D=D, z=z, outproj_norm_weight=outproj_norm_weight, state=state)
+    check_writable("state", state)
     y, new = mamba3_mimo_step_reference(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o,
                                         D, z, state, outproj_norm_weight, outproj_norm_eps)
     for dst, src in zip(state, new):

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..utils import check_cu_seqlens, check_tensor
+from ..utils import check_cu_seqlens, check_same_device, check_tensor
 
 REAL = (torch.float32, torch.float64)
 COMPLEX = (torch.complex64, torch.complex128)
@@ -95,3 +95,4 @@ def validate_s4d(u, log_dt, log_A_real, A_imag, C, D, initial_state, cu_seqlens)
     if initial_state is not None:
         rows = B if cu_seqlens is None else cu_seqlens.numel() - 1
         check_state("initial_state", initial_state, rows, H, N, "B" if cu_seqlens is None else "num_seqs")
+    check_same_device(u=u, log_dt=log_dt, log_A_real=log_A_real, A_imag=A_imag, C=C, D=D, initial_state=initial_state)

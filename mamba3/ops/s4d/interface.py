@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..utils import check_impl, check_tensor
+from ..utils import check_impl, check_same_device, check_tensor, check_writable
 from .common import check_params, check_state, validate_s4d
 from .conv import s4d_conv
 from .reference import s4d_reference, s4d_step_reference
@@ -64,6 +64,8 @@ def s4d_step(u: Tensor, log_dt: Tensor, log_A_real: Tensor, A_imag: Tensor, C: T
     B, H = u.shape
     N = check_params(log_dt, log_A_real, A_imag, C, D, H)
     check_state("state", state, B, H, N, "B")
+    check_same_device(u=u, log_dt=log_dt, log_A_real=log_A_real, A_imag=A_imag, C=C, D=D, state=state)
+    check_writable("state", state)
     y, new = s4d_step_reference(u, log_dt, log_A_real, A_imag, C, D, state)
     if state.is_complex():
         state.copy_(new)
