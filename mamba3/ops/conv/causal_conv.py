@@ -53,6 +53,8 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, a
         prefix = initial_state.to(x.dtype)
     else:
         prefix = x.new_zeros(B, C, W - 1)
+    if T == 0:  # empty sequence: conv1d rejects inputs shorter than the kernel
+        return x.new_zeros(B, 0, C), prefix.clone() if return_final_state else None
     full = torch.cat([prefix, x.transpose(1, 2)], dim=2)             # [B, C, W-1+T]
     y = F.conv1d(full, weight.unsqueeze(1).to(x.dtype), None if bias is None else bias.to(x.dtype), groups=C)
     if activation == "silu":
