@@ -8,6 +8,7 @@ from torch import Tensor
 
 from ... import debug
 from ..utils import check_impl, check_same_device, check_tensor, check_writable
+from .. import custom_ops  # torch.library ops for compiling the Triton path (no triton import)
 from .chunked import mamba3_siso_chunked
 from .common import Mamba3State, _validate_angles, validate_siso, validate_state
 from .reference import mamba3_siso_reference, mamba3_siso_step_reference
@@ -77,8 +78,11 @@ def mamba3_siso(q: Tensor, k: Tensor, v: Tensor, dA: Tensor, dt: Tensor, trap: T
         if not triton_available(v.device):
             raise ValueError("impl='triton' needs CUDA tensors and an importable triton (>= 3.5); "
                              "use impl='chunked' on CPU")
-        from .triton_siso import mamba3_siso_triton
-        out = mamba3_siso_triton(*args, **kw)
+        if torch.compiler.is_compiling():  # opaque custom ops: fullgraph compile, no graph break
+            out = custom_ops.mamba3_siso_op(*args, **kw)
+        else:
+            from .triton_siso import mamba3_siso_triton
+            out = mamba3_siso_triton(*args, **kw)
     if debug.enabled():
         debug.check_op(f"mamba3_siso[{impl}]", (args, initial_state), out)
     return out
@@ -114,6 +118,8 @@ def mamba3_siso_step(q: Tensor, k: Tensor, v: Tensor, dA: Tensor, dt: Tensor, tr
     check_same_device(q=q, k=k, v=v, dA=dA, dt=dt, trap=trap, q_bias=q_bias, k_bias=k_bias, angles=angles, D=D, z=z, state=state)
     check_writable("state", state)
     if impl == "triton" or (impl == "auto" and triton_available(v.device)):
+        if torch.compiler.is_compiling():
+            return custom_ops.mamba3_siso_step_op(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, state)
         from .triton_step import mamba3_siso_step_triton
         return mamba3_siso_step_triton(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, state)
     y, new = mamba3_siso_step_reference(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, state)

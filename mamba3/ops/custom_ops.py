@@ -1,0 +1,278 @@
+"""Mamba-3 SISO as ``torch.library`` custom ops, so ``torch.compile(fullgraph=True)`` traces a
+model on the Triton path without graph breaks (Triton launches are opaque to dynamo).
+
+Ops (all device-generic: CUDA -> the Triton kernels, other devices -> an explicit PyTorch form of
+the same math, so the registrations import and run without triton or CUDA):
+
+    mamba3::siso_fwd(Q, K, V, dA, S0?, chunk_size) -> (y, states, dec, final)
+        the chunked scalar-decay SSD core of Mamba-3 SISO (triton_siso_fwd.ssd_core_fwd):
+        y_t = sum_{s<t, same chunk} (Q_t . K_s) e^{ell_t - ell_s} V_s + e^{ell_t} S_c Q_t,
+        S_{c+1} = e^{ell_last} S_c + sum_s e^{ell_last - ell_s} V_s K_s^T  (ell: in-chunk cumsum
+        of dA). Layouts: Q, K [B, T, H, N]; V [B, T, H, P]; dA [B, T, H]; S0, final [B, H, P, N];
+        states [B, H, nc, P, N] (state entering each chunk); dec [B, H, nc] (ell at chunk end).
+    mamba3::siso_bwd(Q, K, V, dA, dY, states, dec, dSF?, chunk_size) -> (dQ, dK, dV, ddA, dS0)
+        its gradients (triton_siso_bwd.ssd_core_bwd); the autograd formula of siso_fwd.
+    mamba3::siso_step(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D?, z?, angle!, ssm!, k!, v!)
+        -> y: one decode token, the four state tensors updated in place (declared mutated).
+
+:func:`mamba3_siso_op` / :func:`mamba3_siso_step_op` have the signatures of ``mamba3_siso`` /
+``mamba3_siso_step``: the per-token preparation (biases, phase, rotation, trapezoid scale, skip,
+gate) is plain PyTorch that compiles normally; only the core is an op. ``interface.py`` routes its
+Triton branch here while ``torch.compiler.is_compiling()`` (eager CUDA keeps the fused kernels;
+CPU is unchanged).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .mamba3.chunked import _final_state, mamba3_siso_chunked
+from .mamba3.common import Mamba3State, angle_increments, cumulative_angles, expand_groups, rotate_interleaved
+from .mamba3.reference import mamba3_siso_step_reference
+from .utils import pack_to_padded, padded_to_pack, seq_lengths
+
+
+def _on_triton(t: Tensor) -> bool:
+    """Kernels for CUDA tensors; on CPU only under the Triton interpreter (tests), never float64."""
+    if t.dtype == torch.float64:
+        return False
+    return t.device.type == "cuda" or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the saved chunk states (as the Triton forward stores them)."""
+    return dtype if dtype in (torch.bfloat16, torch.float16) else _wide(dtype)
+
+
+def _nchunks(T: int, C: int) -> int:
+    return max(1, -(-T // C))
+
+
+# ------------------------------------------------------------------------------ PyTorch core
+def _chunks(Q, K, V, dA, C):
+    B, T, H, N = Q.shape
+    wd = _wide(Q.dtype)
+    nc = _nchunks(T, C)
+    pad = lambda t: F.pad(t.to(wd), (0, 0) * (t.dim() - 2) + (0, nc * C - T))
+    q, k = pad(Q).view(B, nc, C, H, N), pad(K).view(B, nc, C, H, N)
+    v = pad(V).view(B, nc, C, H, V.shape[-1])
+    ell = torch.cumsum(pad(dA).view(B, nc, C, H), dim=2)                    # [B, nc, C, H]
+    ellh = ell.transpose(2, 3)                                                # [B, nc, H, C]
+    strict = torch.ones(C, C, dtype=torch.bool, device=Q.device).tril(-1)
+    seg = ellh.unsqueeze(-1) - ellh.unsqueeze(-2)                             # [.., t, s]
+    L = torch.exp(torch.where(strict, seg, torch.full_like(seg, -torch.inf)))
+    last = ell[:, :, -1]                                                      # [B, nc, H]
+    w = torch.exp(last.unsqueeze(2) - ell)                                    # decay to chunk end
+    return q, k, v, ell, L, last, w
+
+
+def _core_fwd_torch(Q, K, V, dA, S0, C):
+    B, T, H, N = Q.shape
+    P = V.shape[-1]
+    q, k, v, ell, L, last, w = _chunks(Q, K, V, dA, C)
+    nc = q.shape[1]
+    scores = torch.einsum("bctHn,bcsHn->bcHts", q, k)
+    y = torch.einsum("bcHts,bcsHp->bctHp", scores * L, v)
+    local = torch.einsum("bcsHp,bcsHn->bcHpn", v * w.unsqueeze(-1), k)
+    S = q.new_zeros(B, H, P, N) if S0 is None else S0.to(q.dtype)
+    entering = []
+    for i in range(nc):
+        entering.append(S)
+        S = torch.exp(last[:, i])[..., None, None] * S + local[:, i]
+    Sen = torch.stack(entering, 1)                                            # [B, nc, H, P, N]
+    y = y + torch.einsum("bctHn,bcHpn->bctHp", q, Sen) * torch.exp(ell).unsqueeze(-1)
+    y = y.reshape(B, nc * C, H, P)[:, :T]
+    return (y.contiguous(), Sen.transpose(1, 2).to(_state_dtype(Q.dtype)).contiguous(),
+            last.transpose(1, 2).contiguous(), S)
+
+
+def _core_bwd_torch(Q, K, V, dA, dY, states, dec, dSF, C):
+    """Hand-written gradients of _core_fwd_torch (same chunking; no autograd inside an op)."""
+    B, T, H, N = Q.shape
+    P = V.shape[-1]
+    q, k, v, ell, L, last, w = _chunks(Q, K, V, dA, C)
+    nc = q.shape[1]
+    wd = q.dtype
+    dy = F.pad(dY.to(wd), (0, 0, 0, 0, 0, nc * C - T)).view(B, nc, C, H, P)
+    Sen = states.to(wd).transpose(1, 2)                                       # [B, nc, H, P, N]
+    scores = torch.einsum("bctHn,bcsHn->bcHts", q, k)
+    # intra-chunk y_t = sum_s scores_ts L_ts v_s
+    dM = torch.einsum("bctHp,bcsHp->bcHts", dy, v)
+    dv = torch.einsum("bcHts,bctHp->bcsHp", scores * L, dy)
+    G = dM * L
+    dq = torch.einsum("bcHts,bcsHn->bctHn", G, k)
+    dk = torch.einsum("bcHts,bctHn->bcsHn", G, q)
+    dL = G * scores                                                           # d/d seg (= d/d L * L)
+    dell = (dL.sum(-1) - dL.sum(-2)).transpose(2, 3)                          # [B, nc, C, H]
+    # inter-chunk y_t += e^{ell_t} S_c q_t
+    e = torch.exp(ell).unsqueeze(-1)
+    dq = dq + torch.einsum("bctHp,bcHpn->bctHn", dy * e, Sen)
+    dell = dell + (dy * e * torch.einsum("bctHn,bcHpn->bctHp", q, Sen)).sum(-1)
+    dSen = torch.einsum("bctHp,bctHn->bcHpn", dy * e, q)
+    # state scan S_{c+1} = e^{last_c} S_c + local_c, backwards
+    g = q.new_zeros(B, H, P, N) if dSF is None else dSF.to(wd)
+    dlocal, dlast = [None] * nc, [None] * nc
+    for i in range(nc - 1, -1, -1):
+        a = torch.exp(last[:, i])                                             # [B, H]
+        dlocal[i] = g
+        dlast[i] = a * (g * Sen[:, i]).sum((-1, -2))
+        g = a[..., None, None] * g + dSen[:, i]
+    dS0 = g
+    dlocal, dlast = torch.stack(dlocal, 1), torch.stack(dlast, 1)            # [B, nc, H, P, N], [B, nc, H]
+    # local_c = sum_s w_s v_s k_s^T with w_s = e^{last - ell_s}
+    wv = w.unsqueeze(-1)
+    dv = dv + torch.einsum("bcHpn,bcsHn->bcsHp", dlocal, k) * wv
+    dk_loc = torch.einsum("bcHpn,bcsHp->bcsHn", dlocal, v)
+    dk = dk + dk_loc * wv
+    dwl = (dk_loc * k).sum(-1) * w                                            # d/d(last - ell_s)
+    dell = dell - dwl
+    dell[:, :, -1] += dlast + dwl.sum(2)
+    dda = dell.flip(2).cumsum(2).flip(2)                                      # ell = cumsum(dA)
+    unpad = lambda t: t.reshape(B, nc * C, *t.shape[3:])[:, :T].contiguous()
+    return unpad(dq), unpad(dk), unpad(dv), unpad(dda), dS0
+
+
+# ------------------------------------------------------------------------------ ops
+@torch.library.custom_op("mamba3::siso_fwd", mutates_args=())
+def siso_fwd(Q: Tensor, K: Tensor, V: Tensor, dA: Tensor, S0: Optional[Tensor],
+             chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if _on_triton(Q):
+        from .mamba3.triton_siso_fwd import ssd_core_fwd
+        Q, K, V = (t.contiguous() for t in (Q, K, V))
+        y, states, dec, final = ssd_core_fwd(Q, K, V, dA.float().contiguous(),
+                                             None if S0 is None else S0.float().contiguous(), chunk_size)
+        return y, states, dec, final
+    return _core_fwd_torch(Q, K, V, dA, S0, chunk_size)
+
+
+@siso_fwd.register_fake
+def _(Q, K, V, dA, S0, chunk_size):
+    B, T, H, N = Q.shape
+    P, nc, wd = V.shape[-1], _nchunks(T, chunk_size), _wide(Q.dtype)
+    return (Q.new_empty(B, T, H, P, dtype=wd), Q.new_empty(B, H, nc, P, N, dtype=_state_dtype(Q.dtype)),
+            Q.new_empty(B, H, nc, dtype=wd), Q.new_empty(B, H, P, N, dtype=wd))
+
+
+@torch.library.custom_op("mamba3::siso_bwd", mutates_args=())
+def siso_bwd(Q: Tensor, K: Tensor, V: Tensor, dA: Tensor, dY: Tensor, states: Tensor, dec: Tensor,
+             dSF: Optional[Tensor], chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if _on_triton(Q):
+        from .mamba3.triton_siso_bwd import ssd_core_bwd
+        c = lambda t: t.contiguous()
+        return ssd_core_bwd(c(Q), c(K), c(V), c(dA.float()), c(dY.to(Q.dtype)), c(states), c(dec),
+                            None if dSF is None else c(dSF.float()), chunk_size)
+    return _core_bwd_torch(Q, K, V, dA, dY, states, dec, dSF, chunk_size)
+
+
+@siso_bwd.register_fake
+def _(Q, K, V, dA, dY, states, dec, dSF, chunk_size):
+    B, H, P, N = Q.shape[0], Q.shape[2], V.shape[-1], Q.shape[-1]
+    wd = _wide(Q.dtype)
+    return (Q.new_empty(Q.shape, dtype=wd), K.new_empty(K.shape, dtype=wd), V.new_empty(V.shape, dtype=wd),
+            dA.new_empty(dA.shape, dtype=wd), Q.new_empty(B, H, P, N, dtype=wd))
+
+
+def _fwd_setup(ctx, inputs, output):
+    Q, K, V, dA, S0, chunk_size = inputs
+    _, states, dec, _ = output
+    ctx.save_for_backward(Q, K, V, dA, states, dec)
+    ctx.chunk_size, ctx.has_s0 = chunk_size, S0 is not None
+    ctx.dtypes = (Q.dtype, K.dtype, V.dtype, dA.dtype, None if S0 is None else S0.dtype)
+
+
+def _fwd_backward(ctx, dy, dstates, ddec, dfinal):
+    Q, K, V, dA, states, dec = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros(V.shape, device=V.device, dtype=_wide(Q.dtype))
+    dQ, dK, dV, ddA, dS0 = siso_bwd(Q, K, V, dA, dy, states, dec, dfinal, ctx.chunk_size)
+    qd, kd, vd, ad, sd = ctx.dtypes
+    return (dQ.to(qd), dK.to(kd), dV.to(vd), ddA.to(ad), dS0.to(sd) if ctx.has_s0 else None, None)
+
+
+siso_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
+
+
+@torch.library.custom_op("mamba3::siso_step", mutates_args=("angle", "ssm", "k_state", "v_state"))
+def siso_step(q: Tensor, k: Tensor, v: Tensor, dA: Tensor, dt: Tensor, trap: Tensor, q_bias: Tensor,
+              k_bias: Tensor, angles: Tensor, D: Optional[Tensor], z: Optional[Tensor], angle: Tensor,
+              ssm: Tensor, k_state: Tensor, v_state: Tensor) -> Tensor:
+    state = Mamba3State(angle, ssm, k_state, v_state)
+    if _on_triton(v):
+        from .mamba3.triton_step import mamba3_siso_step_triton
+        return mamba3_siso_step_triton(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, state)
+    y, new = mamba3_siso_step_reference(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, state)
+    for dst, src in zip(state, new):
+        dst.copy_(src)
+    return y.to(v.dtype)
+
+
+@siso_step.register_fake
+def _(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, angle, ssm, k_state, v_state):
+    return torch.empty_like(v)
+
+
+# ------------------------------------------------------------------------------ op-level API
+def mamba3_siso_op(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D=None, z=None, *,
+                   initial_state: Optional[Mamba3State] = None, return_final_state: bool = False,
+                   cu_seqlens: Optional[Tensor] = None, chunk_size: int = 64):
+    """Mamba-3 SISO through ``mamba3::siso_fwd`` (signature and results of ``mamba3_siso``;
+    inputs are assumed validated). Varlen reads the sequence lengths on the host (one graph break)."""
+    if v.shape[1] == 0:
+        return mamba3_siso_chunked(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state=initial_state,
+                                   return_final_state=return_final_state, cu_seqlens=cu_seqlens,
+                                   chunk_size=chunk_size)
+    if cu_seqlens is None:
+        return _forward(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state,
+                        return_final_state, chunk_size, None)
+    pad = lambda t: None if t is None else pack_to_padded(t, cu_seqlens)
+    lengths = torch.tensor(seq_lengths(cu_seqlens), device=v.device)
+    y, final = _forward(pad(q), pad(k), pad(v), pad(dA), pad(dt), pad(trap), q_bias, k_bias, pad(angles), D,
+                        pad(z), initial_state, return_final_state, chunk_size, lengths)
+    return padded_to_pack(y, cu_seqlens), final
+
+
+def _forward(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state, return_final_state,
+             chunk_size, lengths):
+    B, T, H, P = v.shape
+    out_dtype, wd = v.dtype, _wide(v.dtype)
+    kd = torch.float32 if (v.device.type == "cpu" and wd == torch.float32) else v.dtype  # core operand dtype
+    f = lambda t: t.to(wd)
+    dtw, dAw = f(dt), f(dA)
+    qh = expand_groups(f(q), H) + f(q_bias)                                   # [B, T, H, N]
+    kh = expand_groups(f(k), H) + f(k_bias)
+    init_angle = None if initial_state is None else initial_state.angle.to(wd)
+    theta = cumulative_angles(angle_increments(dtw, f(angles)), init_angle)  # [B, T, H, S]
+    qr, kr = rotate_interleaved(qh, theta), rotate_interleaved(kh, theta)
+    lam = torch.sigmoid(f(trap))
+    gamma = lam * dtw
+    shifted = F.pad(((1.0 - lam) * dtw)[:, 1:], (0, 0, 0, 1))                # 0 after the last token
+    if lengths is not None:  # padded varlen: no next token after each sequence's last one
+        shifted = shifted * (torch.arange(T, device=v.device)[None, :] < (lengths[:, None] - 1))[..., None]
+    c = gamma + shifted
+    diag = gamma * (qh * kh).sum(-1)
+    S0 = None
+    if initial_state is not None:
+        S0 = initial_state.ssm.to(wd) + (((1.0 - lam[:, 0]) * dtw[:, 0])[..., None, None]
+                                         * initial_state.v.to(wd).unsqueeze(-1) * initial_state.k.to(wd).unsqueeze(-2))
+    y, _, _, S = siso_fwd(qr.to(kd), (kr * c.unsqueeze(-1)).to(kd), v.to(kd), dAw, S0, chunk_size)
+    skip = diag if D is None else diag + f(D)
+    y = y + skip.unsqueeze(-1) * f(v)
+    if z is not None:
+        y = y * F.silu(f(z))
+    final = None
+    if return_final_state:
+        final = _final_state(S, theta, kr, v, lengths, wd, out_dtype, initial_state)
+    return y.to(out_dtype), final
+
+
+def mamba3_siso_step_op(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, state: Mamba3State) -> Tensor:
+    """One decode token through ``mamba3::siso_step`` (``state`` updated in place)."""
+    return siso_step(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, *state)
