@@ -109,7 +109,7 @@ def mamba3_siso_step(q: Tensor, k: Tensor, v: Tensor, dA: Tensor, dt: Tensor, tr
         check_tensor(name, t, [("B", B), ("H", H)])
     check_tensor("q_bias", q_bias, [("H", H), ("N", N)])
     check_tensor("k_bias", k_bias, [("H", H), ("N", N)])
-    _validate_angles(angles.unsqueeze(1) if isinstance(angles, Tensor) else angles, B, 1, H, N)
+    _validate_angles(angles.unsqueeze(1) if isinstance(angles, Tensor) and angles.dim() >= 1 else angles, B, 1, H, N)
     if D is not None:
         check_tensor("D", D, [("H", H)])
     if z is not None:

@@ -136,7 +136,7 @@ def mamba3_mimo_step(q: Tensor, k: Tensor, v: Tensor, dA: Tensor, dt: Tensor, tr
     B = v.shape[0]
     for name, t in (("dA", dA), ("dt", dt), ("trap", trap)):
         check_tensor(name, t, [("B", B), ("H", H)])
-    _validate_angles(angles.unsqueeze(1) if isinstance(angles, Tensor) else angles, B, 1, H, N)
+    _validate_angles(angles.unsqueeze(1) if isinstance(angles, Tensor) and angles.dim() >= 1 else angles, B, 1, H, N)
     validate_state(state, B, H, P, N, angles.shape[-1], rank=R)
     check_same_device(q=q, k=k, v=v, dA=dA, dt=dt, trap=trap, q_bias=q_bias, k_bias=k_bias, angles=angles,
                       mimo_x=mimo_x, mimo_z=mimo_z, mimo_o=mimo_o, D=D, z=z, outproj_norm_weight=outproj_norm_weight, state=state)
