@@ -203,6 +203,6 @@ def run_lm_eval(lm, tasks: Sequence[str] = TASKS, data_dir: Optional[Path] = Non
                                       num_fewshot=0, limit=limit, **kwargs)
     out = {}
     for name, metrics in res["results"].items():
-        out[name.replace("_offline", "")] = {k.split(",")[0]: v for k, v in metrics.items()
-                                              if "stderr" not in k and k != "alias"}
+        out[name.replace("_offline", "")] = {k.split(",")[0]: float(v) for k, v in metrics.items()
+                                              if "stderr" not in k and isinstance(v, (int, float))}
     return out
