@@ -31,9 +31,10 @@ class Mamba3LM(LM):
     decode(list[int]) -> str and ``eos_token_id``. ``from lm-eval``: model_args
     "pretrained=DIR,tokenizer=PATH|bytes,device=cpu,batch_size=8,max_length=2048"."""
 
-    def __init__(self, model=None, tokenizer=None, *, pretrained: Optional[str] = None, device: str = "cpu",
-                 batch_size: int = 8, max_length: int = 2048, dtype: Optional[str] = None, **kwargs):
+    def __init__(self, model=None, tokenizer=None, *, pretrained: Optional[str] = None, device: Optional[str] = "cpu",
+                 batch_size=8, max_length: int = 2048, dtype: Optional[str] = None, **kwargs):
         super().__init__()
+        device = device or "cpu"
         if model is None:
             if pretrained is None:
                 raise ValueError("give a model or pretrained=DIR")
@@ -52,7 +53,7 @@ class Mamba3LM(LM):
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self._device = torch.device(device)
-        self.batch_size_ = int(batch_size)
+        self.batch_size_ = 8 if batch_size in (None, "auto") else int(str(batch_size).split(":")[0])
         self.max_length = int(max_length)
 
     # lm-eval reads these

@@ -112,3 +112,14 @@ def test_convert_oe_and_wheel_layout(tmp_path):
     assert counts == {"openbookqa": 1}
     row = json.loads((tmp_path / "out" / "openbookqa.jsonl").read_text())
     assert row["question_stem"] == "Why?" and row["answerKey"] == "B"
+
+
+def test_registered_and_built_from_arg_string(tmp_path, lm):
+    from lm_eval.api.registry import get_model
+    lm.model.save_pretrained(str(tmp_path / "ckpt"))
+    cls = get_model("mamba3")
+    assert cls is Mamba3LM
+    built = cls.create_from_arg_string(f"pretrained={tmp_path / 'ckpt'},max_length=64",
+                                       {"batch_size": None, "device": None})
+    req = _req("loglikelihood", ("abc", " d"))
+    assert built.loglikelihood([req])[0][0] == pytest.approx(lm.loglikelihood([req])[0][0], abs=1e-5)
