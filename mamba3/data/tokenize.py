@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..models.tokenizer import ByteTokenizer, load_tokenizer
+from .sources import tiny_documents
 
 
 def get_codec(spec: str):
@@ -51,3 +52,8 @@ def tokenize_documents(texts: Sequence[str], spec: str, *, workers: Optional[int
         with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(spec,)) as pool:
             parts = pool.map(_encode_doc, texts, chunksize=max(1, len(texts) // (4 * workers)))
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def tiny_tokens(split: str = "train") -> np.ndarray:
+    """Byte-tokenised ids (int64, EOS 256 after each document) of the shipped tiny corpus."""
+    return tokenize_documents([t for _, t in tiny_documents(split)], "byte", workers=1)

@@ -18,8 +18,7 @@ import torch
 
 from ..data.loader import ArrayStream, WindowSampler, rank_indices
 from ..data.shards import TokenShards, read_manifest
-from ..data.sources import tiny_documents
-from ..data.tokenize import get_codec, tokenize_documents
+from ..data.tokenize import get_codec, tiny_tokens
 from ..models import LanguageModel
 from . import checkpoint as ckpt
 from . import parallelize as par
@@ -31,8 +30,7 @@ from .optim import build_optimizer, lr_at, no_decay_names, set_lr
 def load_data(cfg: DataConfig):
     """(train stream, val stream, codec) for the shipped tiny corpus or a built data folder."""
     if cfg.source == "tiny":
-        streams = [ArrayStream(tokenize_documents([t for _, t in tiny_documents(s)], "byte", workers=1))
-                   for s in ("train", "val")]
+        streams = [ArrayStream(tiny_tokens(split)) for split in ("train", "val")]
         return streams[0], streams[1], get_codec("byte")
     folder = Path(cfg.source)
     tok = read_manifest(folder)["tokenizer"]
