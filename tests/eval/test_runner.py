@@ -102,3 +102,18 @@ def test_parity_without_rope_stays_at_chance():
     torch.set_num_threads(1)
     row = run_synthetic(SyntheticConfig(**PARITY, variant="no_rope"), log=lambda s: None)
     assert row["best_acc"] < 0.75, row["history"]
+
+
+def test_compare_equal_params_and_rows(tmp_path):
+    from mamba3.eval.compare import ARCH_NAMES, CompareConfig, compare, markdown
+    cfg = CompareConfig(d_model=32, n_layer=6, d_intermediate=64, d_state=8, headdim=16, seq_len=16, batch_size=2,
+                        steps=2, val_tokens=64)
+    out = tmp_path / "c.jsonl"
+    rows = compare(cfg, out=str(out), log=lambda s: None)
+    assert [r["arch"] for r in rows] == list(ARCH_NAMES)
+    ref = rows[0]["params"]
+    for r in rows:
+        assert abs(r["params"] - ref) / ref < 0.05, r
+        assert r["tokens"] == 2 * 2 * 16 and r["val_ppl"] > 1 and "bits_per_byte" in r
+    assert len(out.read_text().splitlines()) == 6
+    assert markdown(rows).count("\n") == 7
