@@ -152,6 +152,13 @@ class LanguageModel(nn.Module):
             got = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
             dt = getattr(input_ids, "dtype", None)
             raise ValueError(f"input_ids must be an integer tensor {want}, got shape {got} dtype {dt}")
+        # Range check on forward/prefill only (one host sync); step() skips it to keep decode sync-free.
+        if ndim == 2 and input_ids.numel() and not torch.compiler.is_compiling() and not (
+                input_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
+            lo, hi = (int(v) for v in torch.aminmax(input_ids))
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), "
+                                 f"got values in [{lo}, {hi}]")
 
     def logits_from_hidden(self, h: Tensor) -> Tensor:
         x = self.backbone.norm_f(h).to(self.lm_head.weight.dtype)
@@ -289,6 +296,8 @@ class LanguageModel(nn.Module):
 
 def lm_loss(logits: Tensor, labels: Tensor, cu_seqlens: Optional[Tensor] = None) -> Tensor:
     """Mean next-token cross-entropy (at least fp32): logits[:, t] vs labels[:, t + 1], -100 ignored."""
+    if not isinstance(labels, Tensor) or labels.dtype not in (torch.int64, torch.int32, torch.uint8):
+        raise TypeError(f"labels must be an integer tensor [B, T], got {getattr(labels, 'dtype', type(labels).__name__)}")
     if labels.shape != logits.shape[:2]:
         raise ValueError(f"labels must be [B, T] = {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
     target = labels[:, 1:].clone()
