@@ -84,7 +84,7 @@ def ppl_vs_length(model, tokens: np.ndarray, lengths: Sequence[int], *, max_toke
 
 
 def markdown(rows: Sequence[dict], name: str = "model") -> str:
-    lines = [f"| model | context length | windows | ppl | last-quarter ppl |", "|---|---|---|---|---|"]
+    lines = ["| model | context length | windows | ppl | last-quarter ppl |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {name} | {r['length']} | {r['windows']} | {r['ppl']:.3f} | {r['ppl_tail']:.3f} |")
     return "\n".join(lines)

@@ -1,6 +1,5 @@
 """lm-eval adapter on a tiny model and the shipped offline fixture (no download)."""
 import gzip
-import io
 import json
 import zipfile
 from pathlib import Path
@@ -70,7 +69,7 @@ def test_rolling_equals_sum_of_token_logprobs(lm):
     (ll,) = lm.loglikelihood_rolling([_req("loglikelihood_rolling", (text,))])
     ids = lm.tokenizer.encode(text)
     # windows of 64 predicted tokens, each from its own fresh context (EOS for the first)
-    total, prev = 0.0, [lm.tokenizer.eos_token_id]
+    total = 0.0
     for s in range(0, len(ids), 64):
         chunk = ids[s:s + 64]
         ctx = [lm.tokenizer.eos_token_id] if s == 0 else ids[s - 1:s]

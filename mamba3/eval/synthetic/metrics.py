@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 IGNORE_INDEX = -100
