@@ -207,7 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
-    rc = args.func(args)
+    try:
+        rc = args.func(args)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:  # bad input: a message, not a traceback
+        print(f"mamba3 {args.command}: error: {e}", file=sys.stderr)
+        return 2
     return 0 if rc is None else int(rc)
 
 

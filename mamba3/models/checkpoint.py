@@ -57,8 +57,13 @@ def read_config(path) -> ModelConfig:
     f = p / CONFIG_NAME if p.is_dir() else p
     if not f.exists():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {p}")
-    with open(f) as fh:
-        d = json.load(fh)
+    try:
+        with open(f) as fh:
+            d = json.load(fh)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f}: config is not valid JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{f}: config must be a JSON object, got {type(d).__name__}")
     if d.pop("model_type", None) == "mamba3_lm":  # may also hold transformers' own keys
         fields = set(ModelConfig().to_dict())
         d = {k: v for k, v in d.items() if k in fields}
