@@ -37,10 +37,11 @@ from .utils import pack_to_padded, padded_to_pack, seq_lengths
 
 
 def _on_triton(t: Tensor) -> bool:
-    """Kernels for CUDA tensors; on CPU only under the Triton interpreter (tests), never float64."""
-    if t.dtype == torch.float64:
-        return False
-    return t.device.type == "cuda" or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    """Kernels for CUDA tensors (not float64); on CPU only fp32 under the Triton interpreter (tests:
+    the interpreter has no bf16 dot)."""
+    if t.device.type == "cuda":
+        return t.dtype != torch.float64
+    return t.device.type == "cpu" and t.dtype == torch.float32 and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
