@@ -73,7 +73,8 @@ def cumulative_angles(inc: Tensor, initial: Optional[Tensor] = None, block: int 
     for start in range(0, T, block):
         part = torch.cumsum(inc[:, start : start + block], dim=1) + carry.unsqueeze(1)
         out.append(part)
-        carry = torch.remainder(part[:, -1], TWO_PI)
+        # wrap the carry in float64: fp32(2*pi) is off by 1.7e-7, an error that would add up once per wrap
+        carry = torch.remainder(part[:, -1].double(), TWO_PI).to(inc.dtype)
     if not out:
         return inc.new_zeros(B, 0, H, S)
     return torch.remainder(torch.cat(out, dim=1), TWO_PI)

@@ -81,7 +81,7 @@ def mamba3_mimo_step_reference(q: Tensor, k: Tensor, v: Tensor, dA: Tensor, dt: 
     if D is not None:
         Y = Y + D[:, None] * X_t
     out = mimo_output(Y, z, mimo_z, mimo_o, outproj_norm_weight, outproj_norm_eps)
-    new = Mamba3State(angle=torch.remainder(theta, TWO_PI), ssm=S, k=k_t, v=v)
+    new = Mamba3State(angle=torch.remainder(theta.double(), TWO_PI).to(theta.dtype), ssm=S, k=k_t, v=v)  # see cumulative_angles
     return out, new
 
 

@@ -49,7 +49,7 @@ def mamba3_siso_step_reference(q: Tensor, k: Tensor, v: Tensor, dA: Tensor, dt: 
         y = y + D[:, None] * v
     if z is not None:
         y = y * F.silu(z)
-    new = Mamba3State(angle=torch.remainder(theta, TWO_PI), ssm=S, k=k_t, v=v)
+    new = Mamba3State(angle=torch.remainder(theta.double(), TWO_PI).to(theta.dtype), ssm=S, k=k_t, v=v)  # see cumulative_angles
     return y, new
 
 
