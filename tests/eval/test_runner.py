@@ -83,7 +83,7 @@ def test_untied_head_by_default():
 # The tiny seeded parity run of EVALUATION.md: 1 layer, d_model 32, curriculum 8 -> 16 -> 32 (150 steps
 # each, batch 64), validated at length 48 (longer than any training example). dt is initialised in
 # [0.1, 1] (mixer default [0.001, 0.1]) so that a few hundred steps suffice; "best validation accuracy"
-# as in the paper. About 45 s on one idle CPU core.
+# as in the paper. About 15-20 s each on one idle CPU core.
 PARITY = dict(task="parity", d_model=32, headdim=16, d_state=16, batch_size=64, steps_per_stage=150,
               stages=(8, 16, 32), eval_len=48, eval_examples=256, eval_every=50, lr=1e-2, warmup_steps=20, seed=0,
               mixer_overrides={"dt_min": 0.1, "dt_max": 1.0})
@@ -96,7 +96,6 @@ def test_parity_mamba3_extrapolates_beyond_training_length():
     assert row["best_acc"] > 0.9, row["history"]
 
 
-@pytest.mark.slow
 def test_parity_without_rope_stays_at_chance():
     """Control (Mamba-3 Table 5b, "without RoPE"): real decays only cannot track parity."""
     torch.set_num_threads(1)
