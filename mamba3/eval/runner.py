@@ -216,8 +216,9 @@ def run_synthetic(cfg: SyntheticConfig, log=print) -> dict:
         left = cfg.budget_seconds - (time.time() - t0) - per_eval * len(stages)
         per = per_step + (per_eval / cfg.eval_every if cfg.eval_every else 0.0)
         steps = max(1, min(steps, int(left / (per * len(stages)))))
-        model = build_model(cfg, vocab).to(cfg.device)  # restart from a fresh init
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # restart from the same init and data as without a budget
+        model = build_model(cfg, vocab).to(cfg.device)
+        g.manual_seed(cfg.seed)
         opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
         log(f"budget {cfg.budget_seconds:.0f}s: {per_step * 1e3:.1f} ms/step -> {steps} steps per stage")
     total = steps * len(stages)

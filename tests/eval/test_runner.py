@@ -116,3 +116,11 @@ def test_compare_equal_params_and_rows(tmp_path):
         assert r["tokens"] == 2 * 2 * 16 and r["val_ppl"] > 1 and "bits_per_byte" in r
     assert len(out.read_text().splitlines()) == 6
     assert markdown(rows).count("\n") == 7
+
+
+def test_budget_run_equals_plain_run_with_same_steps():
+    kw = dict(task="parity", d_model=16, d_state=8, headdim=8, batch_size=4, stages=(4, 6), eval_len=8,
+              eval_examples=4, warmup_steps=1)
+    a = run_synthetic(SyntheticConfig(**kw, steps_per_stage=10_000, budget_seconds=1.0), log=lambda s: None)
+    b = run_synthetic(SyntheticConfig(**kw, steps_per_stage=a["steps_per_stage"]), log=lambda s: None)
+    assert a["history"] == b["history"] and a["final_loss"] == pytest.approx(b["final_loss"])
