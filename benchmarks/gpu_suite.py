@@ -74,14 +74,20 @@ def main():
     ap.add_argument("--e2e-presets", default="mamba3-1.5b,mamba2-1.5b,mamba3-mimo-1.5b,gdn-1.5b,transformer-1.5b")
     ap.add_argument("--e2e-lengths", default="512,2048")
     ap.add_argument("--decode-steps", type=int, default=64)
+    ap.add_argument("--prefill-chunk", type=int, default=1024)
     ap.add_argument("--train-presets", default="mamba3-180m,mamba3-mimo-180m,mamba2-180m,transformer-180m")
     args = ap.parse_args()
     t_start = time.perf_counter()
     left = lambda: args.budget - (time.perf_counter() - t_start)
     meta = dict(gpu=torch.cuda.get_device_name(0), torch=torch.__version__,
                 triton=__import__("triton").__version__)
-    sections = args.sections.split(",")
-    if "e2e" in sections:
+    for section in args.sections.split(","):
+        {"e2e": run_e2e, "state": run_state, "train": run_train}[section](args, meta, left)
+    print(f"done in {time.perf_counter() - t_start:.0f}s")
+
+
+def run_e2e(args, meta, left):
+    if True:
         rows = []
         for preset in args.e2e_presets.split(","):
             for n in [int(x) for x in args.e2e_lengths.split(",")]:
@@ -90,6 +96,7 @@ def main():
                     continue
                 try:
                     row = run_config(preset, n, batch=128, decode_steps=args.decode_steps, reps=2,
+                                     prefill_chunk=args.prefill_chunk,
                                      config=ModelConfig.from_preset(preset, vocab_size=50280))
                 except Exception as e:  # OOM (transformer KV at large n) or a kernel failure: record it
                     row = dict(preset=preset, n=n, error=f"{type(e).__name__}: {str(e)[:200]}")
@@ -97,7 +104,10 @@ def main():
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 _dump(args.out, "e2e.json", dict(meta=meta, batch=128, rows=rows))
-    if "state" in sections:
+
+
+def run_state(args, meta, left):
+    if True:
         rows = []
         for sd in (torch.float32, torch.bfloat16):
             if left() < 60:
@@ -111,7 +121,10 @@ def main():
             rows.append(row)
             print(json.dumps(row), flush=True)
             _dump(args.out, "state_dtype_gpu.json", dict(meta=meta, rows=rows))
-    if "train" in sections:
+
+
+def run_train(args, meta, left):
+    if True:
         rows = []
         for preset in args.train_presets.split(","):
             if left() < 45:
@@ -125,7 +138,6 @@ def main():
             rows.append(row)
             print(json.dumps(row), flush=True)
             _dump(args.out, "train_throughput.json", dict(meta=meta, rows=rows))
-    print(f"done in {time.perf_counter() - t_start:.0f}s")
 
 
 if __name__ == "__main__":
