@@ -209,3 +209,34 @@ class Mamba3SisoFn(torch.autograd.Function):
                 cast(dqh.sum((0, 1)), q_bias), cast(dkh.sum((0, 1)), k_bias), cast(dang, angles),
                 None if D is None else dskip.sum((0, 1)).to(D.dtype), cast(dz, z), cast(da0, a0), cast(ds0, s0),
                 cast(dk0, k0), cast(dv0, v0), None, None)
+
+
+def ssd_triton(x, dt, A, B, C, D=None, z=None, *, initial_state=None, return_final_state=False,
+               cu_seqlens=None, chunk_size=64):
+    """Mamba-2 SSD (:func:`mamba3.ops.mamba2.ssd`) on the Mamba-3 SISO kernels.
+
+    Mamba-2 is Mamba-3 SISO with lambda = 1 (trap = +inf: Euler rule, no previous-token term),
+    no rotation (one pair at zero phase rate) and zero biases: q = C, k = B, v = x, dA = dt A.
+    Returns (y [B, T, H, P] in x's dtype, final state [., H, P, N] fp32 or None).
+    """
+    Bsz, T, H, P = x.shape
+    N = B.shape[-1]
+    nseq = Bsz if cu_seqlens is None else cu_seqlens.numel() - 1
+    trap = torch.full_like(dt, float("inf"))
+    zeros_b = torch.zeros(H, N, device=x.device, dtype=torch.float32)
+    angles = torch.zeros(Bsz, T, 1, device=x.device, dtype=torch.float32)
+    init = None
+    if initial_state is not None:
+        init = Mamba3State(angle=torch.zeros(nseq, H, 1, device=x.device, dtype=torch.float32), ssm=initial_state,
+                           k=x.new_zeros(nseq, H, N), v=x.new_zeros(nseq, H, P))
+    D2 = D is not None and D.dim() == 2                  # [H, P] skip: applied outside with the gate
+    y, fin = mamba3_siso_triton(C, B, x, dt * A.float(), dt, trap, zeros_b, zeros_b, angles,
+                                None if D2 else D, None if D2 else z, initial_state=init,
+                                return_final_state=return_final_state, cu_seqlens=cu_seqlens,
+                                chunk_size=chunk_size)
+    if D2:
+        y = y.float() + D.float() * x.float()
+        if z is not None:
+            y = y * F.silu(z.float())
+        y = y.to(x.dtype)
+    return y, (fin.ssm if return_final_state else None)
