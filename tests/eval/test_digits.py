@@ -12,9 +12,8 @@ KINDS = ("s4d-legs", "s4d-random", "mamba3", "gru")
 
 def test_widths_match_the_parameter_budget():
     for kind in KINDS:
-        d_state = 8 if kind.startswith("s4d") else 8
-        d = width_for_budget(kind, 4000, 1, d_state)
-        count = n_params(SeqClassifier(kind, d, 1, d_state))
+        d = width_for_budget(kind, 4000, 1, 8)
+        count = n_params(SeqClassifier(kind, d, 1, 8))
         assert abs(count - 4000) / 4000 < 0.35, (kind, d, count)
 
 
