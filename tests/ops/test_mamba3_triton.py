@@ -156,6 +156,7 @@ def test_step_matches_reference_loop(state_dtype, per_head, G):
 @pytest.mark.parametrize("d2", [False, True])
 def test_mamba2_ssd_on_siso_kernels(d2):
     from mamba3.ops.mamba2 import ssd
+    from mamba3.ops.mamba3.triton_siso import ssd_triton
     g = torch.Generator().manual_seed(21)
     r = lambda *s: torch.randn(*s, generator=g).to(DEV)
     Bs, T, H, P, G, N = 2, 37, 4, 8, 2, 16
@@ -166,7 +167,7 @@ def test_mamba2_ssd_on_siso_kernels(d2):
     x64 = {n: t.double().cpu().requires_grad_(True) for n, t in xs.items()}
     y_ref, s_ref = ssd(*x64.values(), initial_state=init.double().cpu(), return_final_state=True, impl="reference")
     leaves = {n: t.clone().requires_grad_(True) for n, t in xs.items()}
-    y, s = ssd(*leaves.values(), initial_state=init, return_final_state=True, chunk_size=16, impl="triton")
+    y, s = ssd_triton(*leaves.values(), initial_state=init, return_final_state=True, chunk_size=16)
     assert rel(y, y_ref) < 1e-4 and rel(s, s_ref) < 1e-4
     dy = torch.randn_like(y_ref)
     (y_ref * dy).sum().backward()

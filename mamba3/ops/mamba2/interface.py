@@ -10,7 +10,7 @@ from ..utils import check_cu_seqlens, check_impl, check_same_device, check_tenso
 from .chunked import ssd_chunked
 from .reference import ssd_reference, ssd_step_reference
 
-SSD_IMPLS = ("auto", "reference", "chunked", "triton")
+SSD_IMPLS = ("auto", "reference", "chunked")
 
 
 def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
@@ -31,8 +31,7 @@ def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tens
         return_final_state: also return the state after the last token (per sequence).
         cu_seqlens: [S + 1] int offsets of packed sequences (then B must be 1).
         chunk_size: chunk length of the chunked form (the official kernels use 256).
-        impl: "auto" (chunked), "reference" (token loop), "chunked" or "triton" (the Mamba-3 SISO
-            Triton kernels with lambda = 1, no rotation; CUDA tensors).
+        impl: "auto" (chunked), "reference" (token loop) or "chunked".
 
     Returns:
         (y [B, T, H, P] in x's dtype, final state [., H, P, N] float32 (float64 for float64 input) or None)
@@ -46,10 +45,6 @@ def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tens
     """
     check_impl(impl, SSD_IMPLS)
     validate_ssd(x, dt, A, B, C, D, z, initial_state, cu_seqlens, chunk_size)
-    if impl == "triton":  # Mamba-3 SISO kernels (mamba3/ops/mamba3/triton_siso.py)
-        from ..mamba3.triton_siso import ssd_triton
-        return ssd_triton(x, dt, A, B, C, D, z, initial_state=initial_state, return_final_state=return_final_state,
-                          cu_seqlens=cu_seqlens, chunk_size=chunk_size)
     fn = ssd_reference if impl == "reference" else ssd_chunked
     return fn(x, dt, A, B, C, D, z, initial_state=initial_state, return_final_state=return_final_state,
               cu_seqlens=cu_seqlens, chunk_size=chunk_size)
