@@ -1,0 +1,102 @@
+"""Mamba-3 MIMO (rank R) on the Triton SSD-core kernels of the SISO path.
+
+A MIMO head is a SISO scalar-decay SSD over an expanded sequence of T*R rows, row t*R + r holding
+(q_t[r], c_t k_t[r], X_t[r] = psi_r * x_t), with the decay dA_t on row t*R only (mimo_chunked.py
+has the same (time, rank) tiles). The core's strictly-lower mask over rows then covers every
+s < t pair correctly, and inside one time step it covers the ranks j < r with weight
+c_t <q_t[r], k_t[j]> (an equal-angle rotation keeps dot products, so this is the un-rotated
+biased dot). The exact same-time block gamma_t sum_j <qh_t[r], kh_t[j]> X_t[j] is restored with an
+R x R correction per token:
+
+    Y_t[r] = core_t[r] + sum_j (gamma_t M[r, j] - c_t [j < r] M[r, j]) X_t[j] + D X_t[r],
+    M = <qh_t[r], kh_t[j]>
+
+Preparation (bias, split-half rotation, scales), the correction and the rank contraction run in
+PyTorch (differentiable); the chunked SSD with its state passing runs on Triton (SSDCoreFn).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..utils import pack_to_padded, padded_to_pack, seq_lengths
+from .common import Mamba3State, angle_increments, cumulative_angles, rotate_halves
+from .mimo_chunked import _final_state
+from .mimo_reference import heads_from_groups, mimo_output
+from .triton_siso import SSDCoreFn, check_triton_inputs
+from .triton_siso_fwd import INTERPRET
+
+
+def mamba3_mimo_triton(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D=None, z=None, *,
+                       initial_state: Optional[Mamba3State] = None, return_final_state: bool = False,
+                       cu_seqlens: Optional[Tensor] = None, chunk_size: Optional[int] = None,
+                       outproj_norm_weight: Optional[Tensor] = None, outproj_norm_eps: float = 1e-5):
+    """Triton Mamba-3 MIMO (same signature and results as :func:`mamba3.ops.mamba3_mimo`).
+
+    chunk_size (tokens, default 64 // R) times R must be a power of two >= 16."""
+    R = q.shape[2]
+    C = max(1, 64 // R) if chunk_size is None else chunk_size
+    check_triton_inputs(C * R, [("q", q), ("k", k), ("v", v), ("dA", dA), ("dt", dt), ("trap", trap),
+                                ("q_bias", q_bias), ("k_bias", k_bias), ("angles", angles), ("mimo_x", mimo_x),
+                                ("mimo_z", mimo_z), ("mimo_o", mimo_o), ("D", D), ("z", z)])
+    rest = (initial_state, return_final_state, C, outproj_norm_weight, outproj_norm_eps)
+    if cu_seqlens is None:
+        return _forward(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, *rest, None)
+    pad = lambda t: None if t is None else pack_to_padded(t, cu_seqlens)
+    lengths = torch.tensor(seq_lengths(cu_seqlens), device=v.device)
+    y, final = _forward(pad(q), pad(k), pad(v), pad(dA), pad(dt), pad(trap), q_bias, k_bias, pad(angles), mimo_x,
+                        mimo_z, mimo_o, D, pad(z), *rest, lengths)
+    return padded_to_pack(y, cu_seqlens), final
+
+
+def _forward(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, initial_state,
+             return_final_state, C, norm_weight, eps, lengths):
+    B, T, H, P = v.shape
+    R, G, N = q.shape[2:]
+    kd = torch.float32 if INTERPRET else v.dtype          # core matmul operand dtype
+    f32 = lambda t: None if t is None else t.float()
+    dt32, lam = f32(dt), torch.sigmoid(f32(trap))                                   # [B, T, H]
+    qh = heads_from_groups(f32(q), q_bias.float(), H)                               # [B, T, R, H, N]
+    kh = heads_from_groups(f32(k), k_bias.float(), H)
+    a0 = None if initial_state is None else initial_state.angle.float()
+    theta = cumulative_angles(angle_increments(dt32, f32(angles)), a0)              # [B, T, H, S]
+    qr, kr = rotate_halves(qh, theta.unsqueeze(2)), rotate_halves(kh, theta.unsqueeze(2))
+    psi = mimo_x.float().transpose(0, 1)                                            # [R, H, P]
+    X = psi * f32(v).unsqueeze(2)                                                   # [B, T, R, H, P]
+    gamma = lam * dt32
+    c = gamma + F.pad(((1.0 - lam) * dt32)[:, 1:], (0, 0, 0, 1))                   # 0 after the last token
+
+    S0 = None
+    if initial_state is not None and T > 0:
+        X_prev = psi * initial_state.v.float().unsqueeze(1)                          # [B, R, H, P]
+        S0 = initial_state.ssm.float() + ((1.0 - lam[:, 0]) * dt32[:, 0])[..., None, None] * torch.einsum(
+            "brhp,brhn->bhpn", X_prev, initial_state.k.float())
+
+    # expanded sequence of T*R rows (row t*R + r); decay on the first row of each token
+    Qx = qr.reshape(B, T * R, H, N).to(kd)
+    Kx = (kr * c[:, :, None, :, None]).reshape(B, T * R, H, N).to(kd)
+    Vx = X.reshape(B, T * R, H, P).to(kd)
+    dAx = F.pad(f32(dA).unsqueeze(2), (0, 0, 0, R - 1)).reshape(B, T * R, H)
+    if T > 0:
+        y, S = SSDCoreFn.apply(Qx, Kx, Vx, dAx, S0, C * R)
+        Y = y.view(B, T, R, H, P)
+    else:
+        Y = X.new_zeros(B, 0, R, H, P)
+        S = initial_state.ssm.float() if initial_state is not None else X.new_zeros(B, H, P, N)
+
+    # same-time R x R block: gamma_t M - c_t strict_lower(M), M[r, j] = <qh[r], kh[j]>
+    M = torch.einsum("btrhn,btjhn->bthrj", qh, kh)                                 # [B, T, H, R, R]
+    lower = torch.ones(R, R, dtype=torch.bool, device=v.device).tril(-1)
+    W = gamma[..., None, None] * M - c[..., None, None] * M * lower
+    Y = Y + torch.einsum("bthrj,btjhp->btrhp", W, X)
+    if D is not None:
+        Y = Y + D.float()[:, None] * X
+    out = mimo_output(Y, f32(z), mimo_z.float(), mimo_o.float(), f32(norm_weight), eps)
+
+    final = None
+    if return_final_state:
+        final = _final_state(S, theta, kr, v, lengths, torch.float32, v.dtype, initial_state)
+    return out.to(v.dtype), final
