@@ -5,7 +5,9 @@
 Config A (H=32, P=64, N=128, G=1, S=32 angles, bf16 activations, chunk 64) at B x L = 8x2048,
 2x8192, 1x16384. Check phase first (ours vs our chunked PyTorch path in fp32, rel. error < 1e-2,
 forward, gradients and final state), then medians of triton.testing.do_bench (L2 flushed, launch
-included) for prefill and do_bench_cudagraph for decode. `--official DIR` names a folder holding
+included) for prefill and do_bench_cudagraph for decode. Budget: on a fresh machine the official
+kernels' autotuning alone takes minutes (fwd and bwd, first call); give a full run >= 8 minutes,
+or use --lean / --shapes / --no-decode. `--official DIR` names a folder holding
 the extracted `mamba_ssm/` Python package of the sdist; it is imported as a bare package (its
 `__init__` needs the compiled CUDA extension), see PERF.md section 4.2.
 """
@@ -235,6 +237,8 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/gpu_kernels.json")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--lean", action="store_true", help="no SDPA, no official gradients in the check, fewer variants")
+    ap.add_argument("--shapes", default=None, help="prefill shapes, e.g. 8x2048,1x16384 (default: all three)")
+    ap.add_argument("--no-decode", action="store_true")
     args = ap.parse_args()
     off = import_official(args.official)
     res = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
@@ -248,12 +252,14 @@ def main():
     # each configuration is checked right before it is timed, and the results are written after
     # every phase, so a run cut short still leaves checked numbers
     ok_all = True
-    ok = args.skip_check or bool(guarded(check_decode, res))
-    if ok:
-        guarded(time_decode, off, res, args.lean)
-    ok_all &= ok
-    dump()
-    for B, T in SHAPES:
+    if not args.no_decode:
+        ok = args.skip_check or bool(guarded(check_decode, res))
+        if ok:
+            guarded(time_decode, off, res, args.lean)
+        ok_all &= ok
+        dump()
+    shapes = SHAPES if args.shapes is None else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    for B, T in shapes:
         ok = args.skip_check or bool(guarded(check_prefill, B, T, off if not args.lean else None, res))
         if ok:
             guarded(time_prefill, B, T, off, res, args.lean)
