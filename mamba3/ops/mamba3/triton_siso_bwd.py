@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .triton_siso_fwd import (_chunk_coeffs, _chunk_phase, _load_chunk, _load_ell, _rotated_pairs, dot_precision,
-                              static_loop)
+                              nonempty, static_loop)
 
 
 @triton.jit
@@ -244,8 +244,9 @@ def prep_bwd(q, k, q_bias, k_bias, dt, trap, angles, th0, dQ, dK, dskip, chunk_s
     dcs, dgd = torch.empty(B, T, H, **f32), torch.empty(B, T, H, **f32)
     sa = (angles.stride(0), angles.stride(1), 0 if angles.dim() == 3 else angles.stride(2))
     BN2 = max(32, triton.next_power_of_2(N)) // 2
+    angles, th0, dth_arg = nonempty(angles, dt), nonempty(th0, dt), nonempty(dth, dcs)
     _prep_bwd_kernel[(nc, B * H)](q, k, q_bias.float().contiguous(), k_bias.float().contiguous(), dt, trap, angles,
-                                  th0, dQ, dK, dskip, dqh, dkh, dth, dcs, dgd, T, H, G, nc, N, S,
+                                  th0, dQ, dK, dskip, dqh, dkh, dth_arg, dcs, dgd, T, H, G, nc, N, S,
                                   *q.stride()[:3], *dt.stride(), *sa, CHUNK=chunk_size, BLOCK_N2=BN2,
                                   num_warps=4)
     return dqh, dkh, dth, dcs, dgd

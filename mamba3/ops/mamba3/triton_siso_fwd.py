@@ -148,6 +148,12 @@ def static_loop(n: int) -> int:
     return n if INTERPRET else 0
 
 
+def nonempty(t, fallback):
+    """An empty tensor (S = 0 rotary angles) may have a null data pointer, which a launch refuses;
+    the kernels never touch it (all masks are off), so any valid tensor can stand in."""
+    return t if t.numel() > 0 else fallback
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 operands multiply in full precision (no tf32); bf16/fp16 use the tensor cores."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -379,6 +385,7 @@ def mamba3_fused_fwd(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, th0, S
     nw = FUSED_NUM_WARPS or (4 if C * max(BN, BP) <= 4096 else 8)
     sa = (angles.stride(0), angles.stride(1), 0 if angles.dim() == 3 else angles.stride(2))
     qb, kb = q_bias.float().contiguous(), k_bias.float().contiguous()
+    angles, th0 = nonempty(angles, dt), nonempty(th0, dt)
     _fused_state_kernel[(nc, B * H)](k, kb, vk, dA, dt, trap, angles, th0, states, dec, T, H, G, nc, N, P, S,
                                      *k.stride()[:3], *vk.stride()[:3], *dA.stride(), *sa,
                                      CHUNK=C, BLOCK_N=BN, BLOCK_P=BP, PREC=prec, num_warps=nw)

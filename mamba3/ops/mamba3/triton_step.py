@@ -17,6 +17,7 @@ import triton.language as tl
 
 from .common import Mamba3State
 from .triton_siso import check_triton_inputs
+from .triton_siso_fwd import nonempty
 
 TWO_PI = 2.0 * math.pi
 
@@ -107,7 +108,7 @@ def mamba3_siso_step_triton(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z,
     qb, kb = q_bias.float().contiguous(), k_bias.float().contiguous()
     BN, BP = triton.next_power_of_2(max(N, 2)), triton.next_power_of_2(P)
     nw = num_warps or (4 if BN * BP <= 8192 else 8)  # 4 warps measured faster at P=64, N=128
-    _step_kernel[(B * H,)](q, k, v, dA, dt, trap, qb, kb, angles, D if D is not None else y, z if z is not None else y,
-                           state.angle, state.ssm, state.k, state.v, y, H, G, N, P, S, ang_sb, ang_sh,
+    _step_kernel[(B * H,)](q, k, v, dA, dt, trap, qb, kb, nonempty(angles, dt), D if D is not None else y,
+                           z if z is not None else y, nonempty(state.angle, dt), state.ssm, state.k, state.v, y, H, G, N, P, S, ang_sb, ang_sh,
                            HAS_D=D is not None, HAS_Z=z is not None, BLOCK_N=BN, BLOCK_P=BP, num_warps=nw)
     return y
