@@ -377,7 +377,7 @@ def mamba3_fused_fwd(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, th0, S
     dec = torch.empty(B, H, nc, device=v.device, dtype=torch.float32)
     final = torch.empty(B, H, P, N, device=v.device, dtype=torch.float32)
     y = torch.empty(B, T, H, P, device=v.device, dtype=v.dtype)
-    ypre = torch.empty_like(y) if save_pre else y
+    ypre = torch.empty_like(y) if save_pre and z is not None else y  # no gate: pre-gate == y
     qs = torch.empty(B, T, H, N, device=v.device, dtype=dd) if save_pre else y
     ks = torch.empty(B, T, H, N, device=v.device, dtype=dd) if save_pre else y
     BN, BP = max(32, triton.next_power_of_2(N)), max(16, triton.next_power_of_2(P))
