@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import os
 from typing import Callable, Optional
 
 import torch
@@ -121,7 +122,37 @@ def _signature(fn, const: dict, dtype: torch.dtype) -> dict:
 @functools.lru_cache(maxsize=None)
 def compiled_smem(kernel: str, chunk: int, d_state: int, headdim: int, dtype: torch.dtype = torch.bfloat16,
                   arch: int = 86) -> int:
-    """Shared memory (bytes) of the real kernel compiled offline for ``sm_<arch>``."""
+    """Shared memory (bytes) of the real kernel compiled offline for ``sm_<arch>``. Under
+    TRITON_INTERPRET=1 (the CPU test setting) the kernels are interpreter objects, so the
+    compile runs in a subprocess without it (see :func:`compiled_smem_batch`)."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return compiled_smem_batch([(kernel, chunk, d_state, headdim, dtype, arch)])[0]
+    return _compile(kernel, chunk, d_state, headdim, dtype, arch)
+
+
+def compiled_smem_batch(queries) -> list:
+    """[(kernel, chunk, d_state, headdim, dtype, arch)] -> bytes (or an error string), compiled
+    in one subprocess with TRITON_INTERPRET=0."""
+    import subprocess
+    import sys
+    q = [(k, c, n, p, str(dt).replace("torch.", ""), a) for k, c, n, p, dt, a in queries]
+    code = ("import json, sys, torch\nfrom mamba3.ops.triton_utils import _compile\nout = []\n"
+            "for k, c, n, p, dt, a in json.loads(sys.argv[1]):\n"
+            "    try:\n        out.append(_compile(k, c, n, p, getattr(torch, dt), a))\n"
+            "    except Exception as e:\n        out.append(f'error: {type(e).__name__}: {e}'[:300])\n"
+            "print(json.dumps(out))\n")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    res = subprocess.run([sys.executable, "-c", code, json.dumps(q)], capture_output=True, text=True, env=env,
+                         timeout=1800)
+    if res.returncode != 0:
+        raise RuntimeError(f"offline compile subprocess failed: {res.stderr[-2000:]}")
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    if len(queries) == 1 and isinstance(out[0], str):
+        raise RuntimeError(out[0])
+    return out
+
+
+def _compile(kernel: str, chunk: int, d_state: int, headdim: int, dtype: torch.dtype, arch: int) -> int:
     import importlib
 
     import triton
@@ -165,19 +196,32 @@ def smem_pruner(estimate: Callable[[dict, int, int], int], limit: Optional[int] 
 
 
 def check_launch_fits(chunk: int, d_state: int, headdim: int, dtype: torch.dtype, device=None,
-                      backward: bool = True) -> None:
+                      backward: bool = True, arch: Optional[int] = None) -> None:
     """Raise ValueError naming the sizes when a SISO launch would exceed the device's shared
-    memory (analytic bound of the largest kernel; forward only with ``backward=False``)."""
+    memory (forward only with ``backward=False``). Kernels whose analytic bound is over the
+    limit are compiled for the device's arch (cached) before rejecting: the bound is loose in
+    bf16, where Triton reuses operand buffers."""
     lim = device_smem_limit(device)
+    if arch is None:
+        arch = 86
+        if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+            major, minor = torch.cuda.get_device_capability(device)
+            arch = 10 * major + minor
     names = ["chunk_state", "chunk_out", "fused_state", "fused_out"]
     if backward:
         names += ["chunk_dstate", "chunk_bwd"]
-    need = {k: analytic_smem(k, chunk, d_state, headdim, dtype) for k in names}
-    worst = max(need, key=need.get)
-    if need[worst] > lim:
-        raise ValueError(f"impl='triton': chunk_size={chunk}, d_state={d_state}, headdim={headdim} ({dtype}) needs "
-                         f"~{need[worst] // 1024} KB of shared memory in kernel {worst}, the device allows "
-                         f"{lim // 1024} KB per block; use a smaller chunk_size (or impl='chunked')")
+    for k in names:
+        need = analytic_smem(k, chunk, d_state, headdim, dtype)
+        if need > lim and need <= 2 * SMEM_BY_ARCH[90]:
+            try:
+                need = compiled_smem(k, chunk, d_state, headdim, dtype, arch)
+            except Exception as e:  # no offline compiler: keep the (safe) bound
+                import warnings
+                warnings.warn(f"check_launch_fits: cannot compile {k} for sm_{arch} ({e}); using the analytic bound")
+        if need > lim:
+            raise ValueError(f"impl='triton': chunk_size={chunk}, d_state={d_state}, headdim={headdim} ({dtype}) "
+                             f"needs ~{need // 1024} KB of shared memory in kernel {k}, the device allows "
+                             f"{lim // 1024} KB per block; use a smaller chunk_size (or impl='chunked')")
 
 
 GRID = dict(chunk=(16, 32, 64, 128), d_state=(64, 128, 256), headdim=(64, 128),
