@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..ops.attention import apply_rope, attention, attention_reference, attention_sdpa
 from ..ops.utils import check_tensor, pack_to_padded, padded_to_pack, seq_lengths
-from .cache import LayerCache
+from .cache import LayerCache, check_cache, check_input_tensor, checked_allocate
 
 
 @dataclasses.dataclass
@@ -109,6 +109,7 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(head_dim * num_heads, d_model, bias=out_bias, **fk)
 
     # ----------------------------------------------------------------------------------------
+    @checked_allocate
     def allocate_inference_cache(self, batch_size: int, max_seqlen: Optional[int] = None, *, device=None,
                                  dtype=None) -> AttentionCache:
         """KV cache for ``max_seqlen`` tokens per row (required: attention memory grows with length).
@@ -151,7 +152,7 @@ class Attention(nn.Module):
                           cu_seqlens=cu_seqlens, impl=self.impl)
             return self.out_proj(o.flatten(-2))
         nseq = x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
-        cache.check_batch(nseq, "input (number of sequences)")
+        check_cache(cache, AttentionCache, nseq, "input (number of sequences)")
         if cu_seqlens is None:
             lens = torch.full((nseq,), x.shape[1], device=x.device, dtype=torch.long)
             o = self._attend_cached(q, k, v, lens, cache)
@@ -213,11 +214,12 @@ class Attention(nn.Module):
         outside capture the full-length cache is attended over its longest valid prefix only and
         checked for overflow.
         """
+        check_input_tensor("x", x)
         squeeze = x.dim() == 2
         x3 = x.unsqueeze(1) if squeeze else x
         check_tensor("x", x3, [("B", None), ("T", 1), ("d_model", self.d_model)])
         B = x3.shape[0]
-        cache.check_batch(B)
+        check_cache(cache, AttentionCache, B)
         q, k, v = self._qkv(x3)
         pos = cache.seqlen
         static = _capturing(x3.device)

@@ -88,3 +88,29 @@ class LayerCache:
                     raise ValueError(f"snapshot.{name} has shape {tuple(src.shape)}, cache rows need "
                                      f"{(idx.numel(),) + tuple(t.shape[1:])}")
                 t.index_copy_(0, idx, src)
+
+
+def check_cache(cache, cls: type, batch: int, what: str = "input") -> None:
+    """``cache`` must be this layer's cache type (from its ``allocate_inference_cache``) with
+    ``batch`` rows: a named TypeError / ValueError instead of an AttributeError deep inside."""
+    if not isinstance(cache, cls):
+        raise TypeError(f"cache must be a {cls.__name__} (from this layer's allocate_inference_cache), "
+                        f"got {type(cache).__name__}")
+    cache.check_batch(batch, what)
+
+
+def check_input_tensor(name: str, x) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def checked_allocate(fn):
+    """Decorator for ``allocate_inference_cache``: ``batch_size`` must be an int >= 0."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(self, batch_size, *args, **kwargs):
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 0:
+            raise ValueError(f"batch_size must be an int >= 0, got {batch_size!r}")
+        return fn(self, batch_size, *args, **kwargs)
+    return wrapper

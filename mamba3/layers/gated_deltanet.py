@@ -20,7 +20,7 @@ from torch import Tensor
 from ..ops.conv import causal_conv1d, causal_conv1d_step
 from ..ops.gated_delta import gated_delta_rule, gated_delta_rule_step
 from ..ops.utils import check_tensor
-from .cache import LayerCache
+from .cache import LayerCache, check_cache, check_input_tensor, checked_allocate
 from .norm import RMSNorm, RMSNormGated
 
 MODES = ("chunk", "fused_recurrent")
@@ -107,6 +107,7 @@ class GatedDeltaNet(nn.Module):
         self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False, **fk)
 
     # ----------------------------------------------------------------------------------------
+    @checked_allocate
     def allocate_inference_cache(self, batch_size: int, max_seqlen: Optional[int] = None, *, device=None,
                                  dtype=None, state_dtype: Optional[torch.dtype] = None) -> GatedDeltaNetCache:
         """Fixed-size decode state (``max_seqlen`` is ignored: memory is constant in length)."""
@@ -169,7 +170,7 @@ class GatedDeltaNet(nn.Module):
         check_tensor("x", x, [("B", None), ("T", None), ("hidden_size", self.hidden_size)])
         if cache is not None:
             nseq = x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
-            cache.check_batch(nseq, "input (number of sequences)")
+            check_cache(cache, GatedDeltaNetCache, nseq, "input (number of sequences)")
         q, k, v, g, beta = self._project(x, cache, cu_seqlens, step=False)
         o, final = gated_delta_rule(q, k, v, g, beta, initial_state=None if cache is None else cache.ssm,
                                     return_final_state=cache is not None, cu_seqlens=cu_seqlens,
@@ -180,10 +181,11 @@ class GatedDeltaNet(nn.Module):
 
     def step(self, x: Tensor, cache: GatedDeltaNetCache) -> Tensor:
         """One decode token: x [B, hidden_size] or [B, 1, hidden_size] -> same shape; cache updated in place."""
+        check_input_tensor("x", x)
         squeeze = x.dim() == 2
         x3 = x.unsqueeze(1) if squeeze else x
         check_tensor("x", x3, [("B", None), ("T", 1), ("hidden_size", self.hidden_size)])
-        cache.check_batch(x3.shape[0])
+        check_cache(cache, GatedDeltaNetCache, x3.shape[0])
         q, k, v, g, beta = self._project(x3, cache, None, step=True)
         o = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], cache.ssm)
         out = self._output(o.unsqueeze(1), x3)

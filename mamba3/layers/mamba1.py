@@ -20,7 +20,7 @@ from torch import Tensor
 from ..ops.conv import causal_conv1d, causal_conv1d_step
 from ..ops.mamba1 import selective_scan, selective_scan_step
 from ..ops.utils import check_tensor
-from .cache import LayerCache
+from .cache import LayerCache, check_cache, check_input_tensor, checked_allocate
 
 
 @dataclasses.dataclass
@@ -85,6 +85,7 @@ class Mamba1(nn.Module):
         self.out_proj = nn.Linear(Di, d_model, bias=bias, **fk)
 
     # ----------------------------------------------------------------------------------------
+    @checked_allocate
     def allocate_inference_cache(self, batch_size: int, max_seqlen: Optional[int] = None, *, device=None,
                                  dtype=None, state_dtype: Optional[torch.dtype] = None) -> Mamba1Cache:
         """Fixed-size decode state (``max_seqlen`` ignored). The conv state has the model dtype,
@@ -116,7 +117,7 @@ class Mamba1(nn.Module):
         check_tensor("u", u, [("B", None), ("T", None), ("d_model", self.d_model)])
         nseq = u.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
         if cache is not None:
-            cache.check_batch(nseq, "input (number of sequences)")
+            check_cache(cache, Mamba1Cache, nseq, "input (number of sequences)")
         x, z = self.in_proj(u).chunk(2, dim=-1)
         x, conv_final = causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu",
                                       initial_state=None if cache is None else cache.conv,
@@ -133,10 +134,11 @@ class Mamba1(nn.Module):
 
     def step(self, u: Tensor, cache: Mamba1Cache) -> Tensor:
         """One decode token: u [B, d_model] or [B, 1, d_model] -> same shape; cache updated in place."""
+        check_input_tensor("u", u)
         squeeze = u.dim() == 2
         u3 = u.unsqueeze(1) if squeeze else u
         check_tensor("u", u3, [("B", None), ("T", 1), ("d_model", self.d_model)])
-        cache.check_batch(u3.shape[0])
+        check_cache(cache, Mamba1Cache, u3.shape[0])
         x, z = self.in_proj(u3[:, 0]).chunk(2, dim=-1)
         x = causal_conv1d_step(x, self.conv1d.weight[:, 0], self.conv1d.bias, cache.conv, activation="silu")
         delta, Bp, Cp, A = self._scan_inputs(x)

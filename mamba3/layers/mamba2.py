@@ -19,7 +19,7 @@ from torch import Tensor
 from ..ops.conv import causal_conv1d, causal_conv1d_step
 from ..ops.mamba2 import ssd, ssd_step
 from ..ops.utils import check_tensor
-from .cache import LayerCache
+from .cache import LayerCache, check_cache, check_input_tensor, checked_allocate
 from .norm import RMSNormGated
 
 
@@ -95,6 +95,7 @@ class Mamba2(nn.Module):
         self.out_proj = nn.Linear(d_inner, d_model, bias=bias, **fk)
 
     # ----------------------------------------------------------------------------------------
+    @checked_allocate
     def allocate_inference_cache(self, batch_size: int, max_seqlen: Optional[int] = None, *, device=None,
                                  dtype=None, state_dtype: Optional[torch.dtype] = None) -> Mamba2Cache:
         """Fixed-size decode state (``max_seqlen`` ignored). The conv state has the model dtype,
@@ -141,7 +142,7 @@ class Mamba2(nn.Module):
         check_tensor("u", u, [("B", None), ("T", None), ("d_model", self.d_model)])
         nseq = u.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
         if cache is not None:
-            cache.check_batch(nseq, "input (number of sequences)")
+            check_cache(cache, Mamba2Cache, nseq, "input (number of sequences)")
         Bsz, T, _ = u.shape
         z, xBC, dt_raw = self._split(self.in_proj(u))
         xBC, conv_final = causal_conv1d(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu",
@@ -160,10 +161,11 @@ class Mamba2(nn.Module):
 
     def step(self, u: Tensor, cache: Mamba2Cache) -> Tensor:
         """One decode token: u [B, d_model] or [B, 1, d_model] -> same shape; cache updated in place."""
+        check_input_tensor("u", u)
         squeeze = u.dim() == 2
         u3 = u.unsqueeze(1) if squeeze else u
         check_tensor("u", u3, [("B", None), ("T", 1), ("d_model", self.d_model)])
-        cache.check_batch(u3.shape[0])
+        check_cache(cache, Mamba2Cache, u3.shape[0])
         z, xBC, dt_raw = self._split(self.in_proj(u3[:, 0]))
         xBC = causal_conv1d_step(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, cache.conv, activation="silu")
         x, Bp, Cp, dt, A, D = self._ssm_inputs(xBC, dt_raw)

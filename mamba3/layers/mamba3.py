@@ -21,7 +21,7 @@ from ..ops.mamba3 import Mamba3State, mamba3_siso, mamba3_siso_step
 from ..ops.mamba3 import mamba3_mimo, mamba3_mimo_step
 from ..ops.mamba3.common import rotate_halves, rotate_interleaved
 from ..ops.utils import check_tensor, seq_lengths
-from .cache import LayerCache
+from .cache import LayerCache, check_cache, check_input_tensor, checked_allocate
 from .norm import RMSNormGated, rms_norm
 
 ROPE_MODES = ("data", "fixed", "none")
@@ -132,6 +132,7 @@ class Mamba3(nn.Module):
             self.register_buffer("rope_freqs", inv.to(device) if device is not None else inv, persistent=False)
 
     # ----------------------------------------------------------------------------------------
+    @checked_allocate
     def allocate_inference_cache(self, batch_size: int, max_seqlen: Optional[int] = None, *, device=None,
                                  dtype=None, state_dtype: Optional[torch.dtype] = None) -> Mamba3Cache:
         """Fixed-size decode state; ``max_seqlen`` is ignored (memory is constant in length).
@@ -252,7 +253,7 @@ class Mamba3(nn.Module):
             return self._forward_mimo(u, cache, cu_seqlens)
         nseq = u.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
         if cache is not None:
-            cache.check_batch(nseq, "input (number of sequences)")
+            check_cache(cache, Mamba3Cache, nseq, "input (number of sequences)")
         p = self._project(u, cache, cu_seqlens, step=False)
         y, final = mamba3_siso(
             p["C"][:, :, 0], p["B"][:, :, 0], p["x"], p["dA"], p["dt"], p["trap"], p["q_bias"][:, 0],
@@ -276,12 +277,13 @@ class Mamba3(nn.Module):
         Inference only (runs under no_grad: the cache is overwritten in place); to differentiate
         through a continuation use ``forward(u, cache=...)``.
         """
+        check_input_tensor("u", u)
         squeeze = u.dim() == 2
         self._check_input(u.unsqueeze(1) if squeeze else u, 3)
         if not squeeze and u.shape[1] != 1:
             raise ValueError(f"step takes one token: u must be [B, d_model] or [B, 1, d_model], got {tuple(u.shape)}")
         u3 = u.unsqueeze(1) if squeeze else u
-        cache.check_batch(u3.shape[0])
+        check_cache(cache, Mamba3Cache, u3.shape[0])
         if self.is_mimo:
             out = self._step_mimo(u3, cache)
         else:
@@ -305,7 +307,7 @@ class Mamba3(nn.Module):
     def _forward_mimo(self, u, cache, cu_seqlens):
         nseq = u.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
         if cache is not None:
-            cache.check_batch(nseq, "input (number of sequences)")
+            check_cache(cache, Mamba3Cache, nseq, "input (number of sequences)")
         p = self._project(u, cache, cu_seqlens, step=False)
         state = None
         if cache is not None:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..ops.s4d import S4D_INITS, s4d, s4d_init, s4d_init_log_dt, s4d_step
 from ..ops.utils import check_tensor
-from .cache import LayerCache
+from .cache import LayerCache, check_cache, check_input_tensor, checked_allocate
 
 
 @dataclasses.dataclass
@@ -76,6 +76,7 @@ class S4D(nn.Module):
         return self.log_dt, self.log_A_real, self.A_imag, self.C, self.D
 
     # ----------------------------------------------------------------------------------------
+    @checked_allocate
     def allocate_inference_cache(self, batch_size: int, max_seqlen: Optional[int] = None, *, device=None,
                                  dtype=None) -> S4DCache:
         """Zero state; ``max_seqlen`` is ignored (constant memory). The state dtype is float32
@@ -94,7 +95,7 @@ class S4D(nn.Module):
         check_tensor("x", x, [("B", None), ("T", None), ("d_model", self.d_model)])
         nseq = x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
         if cache is not None:
-            cache.check_batch(nseq, "input (number of sequences)")
+            check_cache(cache, S4DCache, nseq, "input (number of sequences)")
         y, final = s4d(x, *self._params(), initial_state=None if cache is None else cache.state,
                        return_final_state=cache is not None, cu_seqlens=cu_seqlens, impl=self.impl)
         if cache is not None:
@@ -103,10 +104,11 @@ class S4D(nn.Module):
 
     def step(self, x: Tensor, cache: S4DCache) -> Tensor:
         """One decode token: x [B, d_model] or [B, 1, d_model] -> same shape; cache updated in place."""
+        check_input_tensor("x", x)
         squeeze = x.dim() == 2
         x3 = x.unsqueeze(1) if squeeze else x
         check_tensor("x", x3, [("B", None), ("T", 1), ("d_model", self.d_model)])
-        cache.check_batch(x3.shape[0])
+        check_cache(cache, S4DCache, x3.shape[0])
         y = s4d_step(x3[:, 0], *self._params(), cache.state)
         out = self._output(y, x3[:, 0])
         return out if squeeze else out.unsqueeze(1)
