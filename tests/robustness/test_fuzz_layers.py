@@ -33,11 +33,7 @@ NAMES = list(LAYERS)
 # Known gaps, left to the layer owners (strict xfail: each turns into a failure once fixed, so the
 # list stays true). Counted in RELIABILITY.md.
 KNOWN = {
-    "step_list": "step() calls u.dim() before checking the type: AttributeError",
-    "step_no_cache": "step(x, None): AttributeError on cache.check_batch",
-    "foreign_cache": "a cache of another mixer type: AttributeError on a missing field",
     "attn_cache_size": "Attention cache of other head sizes: RuntimeError from index_copy",
-    "alloc_batch": "allocate_inference_cache does not validate batch_size (torch.zeros error or a float size)",
     "attn_cu": "Attention layer builds positions from cu_seqlens before the op validates it",
     "meta_proj": "input on another device than the weights: RuntimeError from the projection, unnamed",
     "mamba1_nan": "Mamba1 with a NaN input: ValueError 'cannot convert float NaN to integer' from the chunk-length "
@@ -144,8 +140,6 @@ def test_bad_forward_input(request, name, case):
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("case", ["two_tokens", "width", "int", "list", "meta", "rank4"])
 def test_bad_step_input(request, name, case):
-    if case == "list":
-        known(request, "step_list")
     if case == "meta" and name in ("mamba3", "mamba3_mimo", "attention"):
         known(request, "meta_proj")
     layer = make(name)
@@ -162,7 +156,6 @@ def test_bad_step_input(request, name, case):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_step_without_cache(request, name):
-    known(request, "step_no_cache")
     layer = make(name)
     expect_named_error(lambda: layer.step(torch.randn(2, D, dtype=torch.float64), None), "cache")
 
@@ -181,7 +174,6 @@ def test_cache_batch_mismatch(name, where):
 @pytest.mark.parametrize("name", NAMES)
 def test_cache_of_another_layer_type(request, name):
     """A cache allocated by a different mixer: a named error, not an AttributeError."""
-    known(request, "foreign_cache")
     layer = make(name)
     other = make("s4d" if name != "s4d" else "mamba2")
     cache = cache_for(other, 2)
@@ -207,8 +199,6 @@ def test_cache_of_a_differently_sized_layer(request, name):
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("batch", [0, -1, 1.5, "2", None, True])
 def test_bad_allocate_batch_size(request, name, batch):
-    if batch != 0:
-        known(request, "alloc_batch")
     layer = make(name)
     if batch == 0:  # an empty cache is consistent (batch 0 forward is allowed); just no crash
         cache = cache_for(layer, 0)
