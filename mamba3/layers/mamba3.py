@@ -83,10 +83,14 @@ class Mamba3(nn.Module):
             raise ValueError(f"rope must be one of {ROPE_MODES}, got {rope!r}")
         if a_activation not in A_ACTIVATIONS:
             raise ValueError(f"a_activation must be one of {A_ACTIVATIONS}, got {a_activation!r}")
-        if not isinstance(mimo_rank, int) or mimo_rank < 1:
+        if not isinstance(mimo_rank, int) or isinstance(mimo_rank, bool) or mimo_rank < 1:
             raise ValueError(f"mimo_rank must be an int >= 1, got {mimo_rank!r}")
-        if d_conv < 0:
-            raise ValueError(f"d_conv must be >= 0, got {d_conv}")
+        if not isinstance(d_conv, int) or isinstance(d_conv, bool) or d_conv < 0:
+            raise ValueError(f"d_conv must be an int >= 0, got {d_conv!r}")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"dt_min and dt_max must satisfy 0 < dt_min <= dt_max, got {dt_min}, {dt_max}")
+        if impl not in ("auto", "reference", "chunked", "triton"):
+            raise ValueError(f"impl must be one of ['auto', 'reference', 'chunked', 'triton'], got {impl!r}")
         self.d_model, self.d_state, self.expand, self.headdim, self.ngroups = d_model, d_state, expand, headdim, ngroups
         self.d_inner, self.nheads = d_inner, nheads
         self.rope_fraction, self.A_floor = rope_fraction, A_floor
