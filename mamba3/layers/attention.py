@@ -16,7 +16,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..ops.attention import apply_rope, attention, attention_reference, attention_sdpa
-from ..ops.utils import check_tensor, pack_to_padded, padded_to_pack, seq_lengths
+from ..ops.utils import check_cu_seqlens, check_same_device, check_tensor, pack_to_padded, padded_to_pack, seq_lengths
 from .cache import LayerCache, check_cache, check_input_tensor, checked_allocate
 
 
@@ -128,6 +128,7 @@ class Attention(nn.Module):
     # ----------------------------------------------------------------------------------------
     def _qkv(self, x: Tensor):
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        check_same_device(x=x, in_proj_weight=self.in_proj.weight)
         q, k, v = self.in_proj(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
         return q.unflatten(-1, (H, D)), k.unflatten(-1, (Hkv, D)), v.unflatten(-1, (Hkv, D))
 
@@ -140,6 +141,7 @@ class Attention(nn.Module):
         length and its keys/values are appended. With ``cu_seqlens`` ([S+1], B = 1) packed sequences
         are independent (positions restart at 0, or at each row's cache length)."""
         check_tensor("x", x, [("B", None), ("T", None), ("d_model", self.d_model)])
+        check_cu_seqlens(cu_seqlens, x.shape[1], x.shape[0])  # positions are built from it below
         q, k, v = self._qkv(x)
         if cache is None:
             T = x.shape[1]

@@ -20,7 +20,7 @@ from ..ops.conv import causal_conv1d, causal_conv1d_step
 from ..ops.mamba3 import Mamba3State, mamba3_siso, mamba3_siso_step
 from ..ops.mamba3 import mamba3_mimo, mamba3_mimo_step
 from ..ops.mamba3.common import rotate_halves, rotate_interleaved
-from ..ops.utils import check_tensor, seq_lengths
+from ..ops.utils import check_same_device, check_tensor, seq_lengths
 from .cache import LayerCache, check_cache, check_input_tensor, checked_allocate
 from .norm import RMSNormGated, rms_norm
 
@@ -304,6 +304,7 @@ class Mamba3(nn.Module):
 
     def _check_input(self, u, ndim):
         check_tensor("u", u, [("B", None), ("T", None), ("d_model", self.d_model)])
+        check_same_device(u=u, in_proj_weight=self.in_proj.weight)
 
     # MIMO forms (SPEC section 4). The op applies psi/zeta/phi, the per-rank pre-gate RMSNorm
     # (self.norm.weight viewed [H, P], fused before the gate) and the gate, so _output is bypassed.
