@@ -34,8 +34,6 @@ NAMES = list(LAYERS)
 # list stays true). Counted in RELIABILITY.md.
 KNOWN = {
     "attn_cache_size": "Attention cache of other head sizes: RuntimeError from index_copy",
-    "attn_cu": "Attention layer builds positions from cu_seqlens before the op validates it",
-    "meta_proj": "input on another device than the weights: RuntimeError from the projection, unnamed",
     "mamba1_nan": "Mamba1 with a NaN input: ValueError 'cannot convert float NaN to integer' from the chunk-length "
                   "choice of the chunked selective scan (an error, but not a named one)",
 }
@@ -121,8 +119,6 @@ def bad_inputs():
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("case", list(bad_inputs()))
 def test_bad_forward_input(request, name, case):
-    if case == "meta" and name in ("mamba3", "mamba3_mimo", "attention"):
-        known(request, "meta_proj")
     layer = make(name)
     x = bad_inputs()[case]
     with pytest.raises((ValueError, TypeError)) as info:
@@ -134,8 +130,6 @@ def test_bad_forward_input(request, name, case):
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("case", ["two_tokens", "width", "int", "list", "meta", "rank4"])
 def test_bad_step_input(request, name, case):
-    if case == "meta" and name in ("mamba3", "mamba3_mimo", "attention"):
-        known(request, "meta_proj")
     layer = make(name)
     cache = cache_for(layer, 2)
     x = {"two_tokens": torch.randn(2, 2, D, dtype=torch.float64),
@@ -216,8 +210,6 @@ def test_attention_cache_overflow_is_named():
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("case", ["batch2", "short_end", "float", "decreasing"])
 def test_bad_cu_seqlens_at_layer(request, name, case):
-    if name == "attention" and case != "batch2":
-        known(request, "attn_cu")
     layer = make(name)
     x = torch.randn(2 if case == "batch2" else 1, 5, D, dtype=torch.float64)
     cu = {"batch2": torch.tensor([0, 2, 5]), "short_end": torch.tensor([0, 2, 4]),
