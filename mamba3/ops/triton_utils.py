@@ -47,7 +47,8 @@ def _next_pow2(x: int) -> int:
 
 
 def launch_params(kernel: str, chunk: int, d_state: int, headdim: int) -> tuple[dict, int]:
-    """(constexprs, num_warps) the launchers pick for ``kernel`` (mirrors triton_siso_*.py)."""
+    """(constexprs, num_warps) the launchers pick for ``kernel`` (mirrors triton_siso_*.py; the
+    MIMO path runs the same SSD-core kernels with CHUNK = chunk_size * R rows)."""
     C, N, P = chunk, d_state, headdim
     BP = max(16, _next_pow2(P))
     if kernel in ("fused_state", "fused_out"):
@@ -56,7 +57,7 @@ def launch_params(kernel: str, chunk: int, d_state: int, headdim: int) -> tuple[
         BN, BP = _next_pow2(max(N, 2)), _next_pow2(P)
         return dict(BLOCK_N=BN, BLOCK_P=BP, HAS_D=True, HAS_Z=True), (4 if BN * BP <= 8192 else 8)
     elif kernel == "prep_bwd":
-        return dict(CHUNK=C, BLOCK_N2=max(32, _next_pow2(N)) // 2), 4
+        return dict(CHUNK=C, BLOCK_N2=max(32, _next_pow2(N)) // 2), 8
     else:
         BN = max(16, _next_pow2(N))
     nw = 4 if C * max(BN, BP) <= 4096 else 8
