@@ -42,7 +42,7 @@ def safe_chunk(delta: Tensor, A: Tensor, chunk_size: int, cd: torch.dtype) -> in
     """Longest chunk (<= chunk_size) over which |sum delta A| stays within LOG_RANGE[cd]."""
     with torch.no_grad():
         rate = float((delta.abs().amax() * A.abs().amax()).item()) if delta.numel() else 0.0
-    if rate * chunk_size <= LOG_RANGE[cd]:
+    if rate * chunk_size <= LOG_RANGE[cd] or rate != rate:  # NaN input: it propagates whatever the chunk
         return chunk_size
     return max(1, int(LOG_RANGE[cd] // rate))
 
