@@ -34,8 +34,6 @@ NAMES = list(LAYERS)
 # list stays true). Counted in RELIABILITY.md.
 KNOWN = {
     "attn_cache_size": "Attention cache of other head sizes: RuntimeError from index_copy",
-    "mamba1_nan": "Mamba1 with a NaN input: ValueError 'cannot convert float NaN to integer' from the chunk-length "
-                  "choice of the chunked selective scan (an error, but not a named one)",
 }
 
 
@@ -253,8 +251,6 @@ def test_nan_input_propagates_not_blamed(request, name):
     propagation is chunk-granular, not token-granular: chunked/parallel forms multiply masked
     entries by 0 and 0 * NaN = NaN, so earlier tokens of the same chunk (and for attention /
     S4D's FFT the whole sequence) may turn NaN too. Garbage that looks finite never comes out."""
-    if name == "mamba1":
-        known(request, "mamba1_nan")
     layer = make(name)
     x = torch.randn(1, 6, D, dtype=torch.float64)
     x[0, 3, 0] = float("nan")
