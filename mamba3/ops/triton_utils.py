@@ -100,7 +100,8 @@ def analytic_smem(kernel: str, chunk: int, d_state: int, headdim: int, dtype: to
         "fused_out": 2 * C * BN + C * C + C * BP + BN * BP,
         "chunk_bwd": 3 * C * BN + 2 * C * BP + 2 * C * C + 2 * BN * BP,  # q k kw, dy v, a dsc, g s
     }[kernel]
-    return tiles * b
+    # at small chunks the layout conversion of the fp32 [BLOCK_P, BLOCK_N] result dominates
+    return max(tiles * b, BP * BN * 4)
 
 
 def _signature(fn, const: dict, dtype: torch.dtype) -> dict:
@@ -229,7 +230,7 @@ GRID = dict(chunk=(16, 32, 64, 128), d_state=(64, 128, 256), headdim=(64, 128),
             dtype=(torch.bfloat16, torch.float32))
 
 
-def sweep(kernels=None, grid=GRID, arch: int = 86) -> list[dict]:
+def sweep(kernels=None, grid=GRID, arch: int = 86, skip_above: int = 2 * SMEM_BY_ARCH[90]) -> list[dict]:
     """Compile every kernel over ``grid``; one record per config with exact and analytic bytes."""
     rows = []
     for kernel in kernels or [k for k in KERNELS]:
@@ -241,7 +242,7 @@ def sweep(kernels=None, grid=GRID, arch: int = 86) -> list[dict]:
                             continue  # the step kernel has no chunk
                         est = analytic_smem(kernel, C, N, P, dtype)
                         try:  # the dot kernels' bound is exact when nothing is reused: skip hopeless compiles
-                            exact = (f"> {SMEM_BY_ARCH[90]} (analytic, not compiled)" if est > 2 * SMEM_BY_ARCH[90]
+                            exact = (f"> {skip_above} (analytic, not compiled)" if est > skip_above
                                      else compiled_smem(kernel, C, N, P, dtype, arch))
                         except Exception as e:  # a config Triton itself rejects (e.g. register tiles)
                             exact = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
@@ -257,8 +258,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=86)
     ap.add_argument("--json", default=None, help="write the records here")
+    ap.add_argument("--kernels", default=None, help="comma-separated subset of " + ",".join(KERNELS))
+    ap.add_argument("--skip-above", type=int, default=2 * SMEM_BY_ARCH[90],
+                    help="do not compile configs whose analytic bound exceeds this (bytes)")
     args = ap.parse_args(argv)
-    rows = sweep(arch=args.arch)
+    rows = sweep(args.kernels.split(",") if args.kernels else None, arch=args.arch, skip_above=args.skip_above)
     lim = SMEM_BY_ARCH.get(args.arch, SMEM_99KB)
     over = [r for r in rows if (r["smem"] > lim if isinstance(r["smem"], int) else r["smem"].startswith(">"))]
     errors = [r for r in rows if isinstance(r["smem"], str) and r["smem"].startswith("error")]
