@@ -87,57 +87,54 @@ def main():
 
 
 def run_e2e(args, meta, left):
-    if True:
-        rows = []
-        for preset in args.e2e_presets.split(","):
-            for n in [int(x) for x in args.e2e_lengths.split(",")]:
-                if left() < 60:
-                    rows.append(dict(preset=preset, n=n, skipped="time budget"))
-                    continue
-                try:
-                    row = run_config(preset, n, batch=128, decode_steps=args.decode_steps, reps=2,
-                                     prefill_chunk=args.prefill_chunk,
-                                     config=ModelConfig.from_preset(preset, vocab_size=50280))
-                except Exception as e:  # OOM (transformer KV at large n) or a kernel failure: record it
-                    row = dict(preset=preset, n=n, error=f"{type(e).__name__}: {str(e)[:200]}")
-                torch.cuda.empty_cache()
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                _dump(args.out, "e2e.json", dict(meta=meta, batch=128, rows=rows))
+    rows = []
+    for preset in args.e2e_presets.split(","):
+        for n in [int(x) for x in args.e2e_lengths.split(",")]:
+            if left() < 60:
+                rows.append(dict(preset=preset, n=n, skipped="time budget"))
+                continue
+            try:
+                row = run_config(preset, n, batch=128, decode_steps=args.decode_steps, reps=2,
+                                 prefill_chunk=args.prefill_chunk,
+                                 config=ModelConfig.from_preset(preset, vocab_size=50280))
+            except Exception as e:  # OOM (transformer KV at large n) or a kernel failure: record it
+                row = dict(preset=preset, n=n, error=f"{type(e).__name__}: {str(e)[:200]}")
+            torch.cuda.empty_cache()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            _dump(args.out, "e2e.json", dict(meta=meta, batch=128, rows=rows))
 
 
 def run_state(args, meta, left):
-    if True:
-        rows = []
-        for sd in (torch.float32, torch.bfloat16):
-            if left() < 60:
-                break
-            try:
-                row = run_config("mamba3-1.5b", 512, batch=128, decode_steps=args.decode_steps, reps=2, state_dtype=sd,
-                                 config=ModelConfig.from_preset("mamba3-1.5b", vocab_size=50280))
-            except Exception as e:
-                row = dict(state_dtype=str(sd), error=f"{type(e).__name__}: {str(e)[:200]}")
-            torch.cuda.empty_cache()
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            _dump(args.out, "state_dtype_gpu.json", dict(meta=meta, rows=rows))
+    rows = []
+    for sd in (torch.float32, torch.bfloat16):
+        if left() < 60:
+            break
+        try:
+            row = run_config("mamba3-1.5b", 512, batch=128, decode_steps=args.decode_steps, reps=2, state_dtype=sd,
+                             config=ModelConfig.from_preset("mamba3-1.5b", vocab_size=50280))
+        except Exception as e:
+            row = dict(state_dtype=str(sd), error=f"{type(e).__name__}: {str(e)[:200]}")
+        torch.cuda.empty_cache()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        _dump(args.out, "state_dtype_gpu.json", dict(meta=meta, rows=rows))
 
 
 def run_train(args, meta, left):
-    if True:
-        rows = []
-        for preset in args.train_presets.split(","):
-            if left() < 45:
-                rows.append(dict(preset=preset, skipped="time budget"))
-                continue
-            try:
-                row = train_throughput(preset, batch=8, seqlen=2048)
-            except Exception as e:
-                row = dict(preset=preset, error=f"{type(e).__name__}: {str(e)[:200]}")
-            torch.cuda.empty_cache()
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            _dump(args.out, "train_throughput.json", dict(meta=meta, rows=rows))
+    rows = []
+    for preset in args.train_presets.split(","):
+        if left() < 45:
+            rows.append(dict(preset=preset, skipped="time budget"))
+            continue
+        try:
+            row = train_throughput(preset, batch=8, seqlen=2048)
+        except Exception as e:
+            row = dict(preset=preset, error=f"{type(e).__name__}: {str(e)[:200]}")
+        torch.cuda.empty_cache()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        _dump(args.out, "train_throughput.json", dict(meta=meta, rows=rows))
 
 
 if __name__ == "__main__":
