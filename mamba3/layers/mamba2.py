@@ -19,6 +19,7 @@ from torch import Tensor
 from ..ops.conv import causal_conv1d, causal_conv1d_step
 from ..ops.mamba2 import ssd, ssd_step
 from ..ops.utils import check_tensor
+from .sizes import check_positive_ints, split_heads
 from .cache import LayerCache, check_cache, check_input_tensor, checked_allocate
 from .norm import RMSNormGated
 
@@ -54,16 +55,9 @@ class Mamba2(nn.Module):
             raise ValueError(f"d_ssm (SSM on part of d_inner, gated MLP on the rest) is not supported; got {d_ssm}")
         if process_group is not None:
             raise ValueError("tensor parallelism (process_group) is not supported")
-        for name, val in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand),
-                          ("headdim", headdim), ("ngroups", ngroups), ("chunk_size", chunk_size)):
-            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
-        d_inner = expand * d_model
-        if d_inner % headdim != 0:
-            raise ValueError(f"headdim={headdim} must divide d_inner = expand * d_model = {d_inner}")
-        nheads = d_inner // headdim
-        if nheads % ngroups != 0:
-            raise ValueError(f"ngroups={ngroups} must divide the number of heads {nheads}")
+        check_positive_ints(d_model=d_model, d_state=d_state, d_conv=d_conv, expand=expand, headdim=headdim,
+                            ngroups=ngroups, chunk_size=chunk_size)
+        d_inner, nheads = split_heads(d_model, expand, headdim, ngroups)
         if not (A_init_range[0] > 0 and A_init_range[1] >= A_init_range[0]):
             raise ValueError(f"A_init_range must satisfy 0 < lo <= hi, got {A_init_range}")
         self.d_model, self.d_state, self.d_conv, self.conv_init, self.expand = d_model, d_state, d_conv, conv_init, expand

@@ -21,6 +21,7 @@ from ..ops.mamba3 import Mamba3State, mamba3_siso, mamba3_siso_step
 from ..ops.mamba3 import mamba3_mimo, mamba3_mimo_step
 from ..ops.mamba3.common import rotate_halves, rotate_interleaved
 from ..ops.utils import check_same_device, check_tensor, seq_lengths
+from .sizes import check_positive_ints, split_heads
 from .cache import LayerCache, check_cache, check_input_tensor, checked_allocate
 from .norm import RMSNormGated, rms_norm
 
@@ -65,16 +66,9 @@ class Mamba3(nn.Module):
                  use_bc_bias: bool = True, d_conv: int = 0, impl: str = "auto"):
         super().__init__()
         fk = dict(device=device, dtype=dtype)
-        for name, val in (("d_model", d_model), ("d_state", d_state), ("expand", expand), ("headdim", headdim),
-                          ("ngroups", ngroups), ("chunk_size", chunk_size)):
-            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
-        d_inner = expand * d_model
-        if d_inner % headdim != 0:
-            raise ValueError(f"headdim={headdim} must divide d_inner = expand * d_model = {d_inner}")
-        nheads = d_inner // headdim
-        if nheads % ngroups != 0:
-            raise ValueError(f"ngroups={ngroups} must divide the number of heads {nheads}")
+        check_positive_ints(d_model=d_model, d_state=d_state, expand=expand, headdim=headdim, ngroups=ngroups,
+                            chunk_size=chunk_size)
+        d_inner, nheads = split_heads(d_model, expand, headdim, ngroups)
         if rope_fraction not in (0.5, 1.0):
             raise ValueError(f"rope_fraction must be 0.5 or 1.0, got {rope_fraction}")
         if d_state % 2 != 0:

@@ -15,7 +15,6 @@ Formats (all world-size independent, so a run may resume on a different number o
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -28,6 +27,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
+from ..data.sources import sha256_file
 
 META = "meta.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -144,7 +144,7 @@ def save(root: Path, step: int, model_sd: dict, optim_sd: dict, meta: dict, keep
     _write_tensors(tmp / "rng.safetensors", rng_tensors)
     meta = {**meta, "step": step, "rng": rng_meta, "optimizer": {"param_groups": optim_sd["param_groups"],
                                                                "scalars": scalars},
-            "sha256": {name: _sha256(tmp / name) for name in TENSOR_FILES}}
+            "sha256": {name: sha256_file(tmp / name) for name in TENSOR_FILES}}
     with open(tmp / META, "w") as f:  # last: its presence marks the folder complete
         json.dump(meta, f, indent=2)
         f.flush()
@@ -180,12 +180,6 @@ def complete_checkpoints(root: Path) -> list[Path]:
 TENSOR_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify(folder: Path) -> Optional[str]:
@@ -198,7 +192,7 @@ def verify(folder: Path) -> Optional[str]:
     for name, want in sums.items():
         if not (folder / name).is_file():
             return f"{name} is missing"
-        if _sha256(folder / name) != want:
+        if sha256_file(folder / name) != want:
             return f"{name} does not match its sha256 in {META} (corrupted)"
     return None
 
