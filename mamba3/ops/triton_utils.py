@@ -89,7 +89,7 @@ def analytic_smem(kernel: str, chunk: int, d_state: int, headdim: int, dtype: to
     if kernel == "prep_bwd":
         return const["CHUNK"] * const["BLOCK_N2"] * 4
     if kernel == "step":
-        return 4 * const["BLOCK_P"] * 4
+        return 8 * max(const["BLOCK_N"], const["BLOCK_P"]) * 4
     C, BN, BP = const["CHUNK"], const["BLOCK_N"], const["BLOCK_P"]
     b = 4 if dtype == torch.float32 else 2
     tiles = {
@@ -100,8 +100,10 @@ def analytic_smem(kernel: str, chunk: int, d_state: int, headdim: int, dtype: to
         "fused_out": 2 * C * BN + C * C + C * BP + BN * BP,
         "chunk_bwd": 3 * C * BN + 2 * C * BP + 2 * C * C + 2 * BN * BP,  # q k kw, dy v, a dsc, g s
     }[kernel]
-    # at small chunks the layout conversion of the fp32 [BLOCK_P, BLOCK_N] result dominates
-    return max(tiles * b, BP * BN * 4)
+    # at small chunks the layout conversion of the fp32 [BLOCK_P, BLOCK_N] result dominates; the
+    # bf16 backward also converts a [P, N] operand (measured: fp32 chunk_bwd is exact without it)
+    extra = BP * BN * 2 if kernel == "chunk_bwd" and b == 2 else 0
+    return max(tiles * b + extra, BP * BN * 4)
 
 
 def _signature(fn, const: dict, dtype: torch.dtype) -> dict:

