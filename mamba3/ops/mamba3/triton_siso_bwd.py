@@ -42,7 +42,8 @@ def _chunk_dstate_kernel(Q, dY, dA, GS, T, H, nc, N, P,
 def _dscan_step(GS, DEC, carry, bh, c, nc, PN, offs, mask):
     """Chunks c, c-1, c-2, c-3 (those >= 0): all loads first (see the forward's _scan_step)."""
     base = GS + bh * nc * PN + offs
-    m0, m1, m2, m3 = mask & (c >= 0), mask & (c >= 1), mask & (c >= 2), mask & (c >= 3)
+    cv = offs * 0 + c  # vector chunk index: `vector mask & scalar bool` is rejected by newer interpreters
+    m0, m1, m2, m3 = mask & (cv >= 0), mask & (cv >= 1), mask & (cv >= 2), mask & (cv >= 3)
     l0 = tl.load(base + c * PN, mask=m0, other=0.0).to(tl.float32)
     l1 = tl.load(base + (c - 1) * PN, mask=m1, other=0.0).to(tl.float32)
     l2 = tl.load(base + (c - 2) * PN, mask=m2, other=0.0).to(tl.float32)

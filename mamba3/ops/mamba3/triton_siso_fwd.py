@@ -70,7 +70,8 @@ def _scan_step(ST, DEC, carry, bh, c, nc, PN, offs, mask):
     """UNROLL=4 chunks per call: all loads first, so the serial chain pays one memory latency
     per four chunks (the chunk states of one (batch, head) are walked in order)."""
     base = ST + bh * nc * PN + offs
-    m0, m1, m2, m3 = mask & (c < nc), mask & (c + 1 < nc), mask & (c + 2 < nc), mask & (c + 3 < nc)
+    cv = offs * 0 + c  # vector chunk index: `vector mask & scalar bool` is rejected by newer interpreters
+    m0, m1, m2, m3 = mask & (cv < nc), mask & (cv + 1 < nc), mask & (cv + 2 < nc), mask & (cv + 3 < nc)
     l0 = tl.load(base + c * PN, mask=m0, other=0.0).to(tl.float32)
     l1 = tl.load(base + (c + 1) * PN, mask=m1, other=0.0).to(tl.float32)
     l2 = tl.load(base + (c + 2) * PN, mask=m2, other=0.0).to(tl.float32)
