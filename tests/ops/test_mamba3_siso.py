@@ -206,3 +206,13 @@ def test_validation_cu_seqlens_and_state_and_impl():
         call(mamba3_siso, x, chunk_size=0)
     with pytest.raises(ValueError, match="impl='triton' needs CUDA tensors"):
         call(mamba3_siso, x, impl="triton")
+
+
+def test_triton_fits_prunes_configs_over_the_device_shared_memory():
+    from mamba3.ops.mamba3.interface import triton_fits
+    kb = 1024
+    # bf16 forward fits a 99 KB part; the fp32 backward at the default sizes needs an H100-class part
+    assert triton_fits(64, 128, 64, torch.bfloat16, backward=False, smem_limit=99 * kb)
+    assert not triton_fits(64, 128, 64, torch.float32, backward=True, smem_limit=99 * kb)
+    assert triton_fits(64, 128, 64, torch.float32, backward=True, smem_limit=227 * kb)
+    assert triton_fits(16, 128, 64, torch.float32, backward=True, smem_limit=99 * kb)  # smaller chunk fits

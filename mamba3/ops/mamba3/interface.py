@@ -27,6 +27,50 @@ def triton_available(device: torch.device) -> bool:
     return True
 
 
+SISO_TRITON_KERNELS_FWD = ("chunk_state", "chunk_out", "fused_state", "fused_out")
+SISO_TRITON_KERNELS_BWD = ("chunk_dstate", "chunk_bwd")
+
+
+def triton_fits(chunk: int, d_state: int, headdim: int, dtype: torch.dtype, backward: bool, smem_limit: int) -> bool:
+    """Whether every SISO Triton kernel of this configuration fits ``smem_limit`` bytes of shared
+    memory per block, by the (conservative) analytic bound of ``mamba3.ops.triton_utils``."""
+    from ..triton_utils import analytic_smem
+    names = SISO_TRITON_KERNELS_FWD + (SISO_TRITON_KERNELS_BWD if backward else ())
+    return all(analytic_smem(n, chunk, d_state, headdim, dtype) <= smem_limit for n in names)
+
+
+def _auto_triton_fits(q: Tensor, v: Tensor, chunk_size: int) -> bool:
+    """impl='auto' on CUDA: take the Triton path only when it fits the device's shared memory
+    (the fp32 backward at chunk 64 / N 128 / P 64 needs ~224 KB: H100/H200 only)."""
+    if torch.compiler.is_compiling():
+        return True
+    try:
+        from ..triton_utils import device_smem_limit
+        limit = _smem_limit(v.device.index if v.device.index is not None else torch.cuda.current_device(),
+                            device_smem_limit)
+        backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, v))
+        dtype = torch.float32 if q.dtype == torch.float32 else torch.bfloat16
+        ok = triton_fits(chunk_size, q.shape[-1], v.shape[-1], dtype, backward, limit)
+    except Exception:  # no accounting available: keep the kernels
+        return True
+    if not ok:
+        import warnings
+        warnings.warn(f"mamba3_siso: the Triton kernels for chunk_size={chunk_size}, d_state={q.shape[-1]}, "
+                      f"headdim={v.shape[-1]} ({dtype}, backward={backward}) exceed this GPU's {limit // 1024} KB "
+                      "of shared memory per block; using the chunked PyTorch path (use bf16 inputs or a "
+                      "smaller chunk_size for the kernels)", stacklevel=3)
+    return ok
+
+
+_SMEM_LIMITS: dict = {}
+
+
+def _smem_limit(index: int, query) -> int:
+    if index not in _SMEM_LIMITS:
+        _SMEM_LIMITS[index] = query(index)
+    return _SMEM_LIMITS[index]
+
+
 def mamba3_siso(q: Tensor, k: Tensor, v: Tensor, dA: Tensor, dt: Tensor, trap: Tensor,
                 q_bias: Tensor, k_bias: Tensor, angles: Tensor, D: Optional[Tensor] = None,
                 z: Optional[Tensor] = None, *, initial_state: Optional[Mamba3State] = None,
@@ -66,7 +110,12 @@ def mamba3_siso(q: Tensor, k: Tensor, v: Tensor, dA: Tensor, dt: Tensor, trap: T
     check_impl(impl, SISO_IMPLS)
     validate_siso(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state, cu_seqlens, chunk_size)
     if impl == "auto":
-        impl = "triton" if triton_available(v.device) else "chunked"
+        impl = "triton" if triton_available(v.device) and _auto_triton_fits(q, v, chunk_size) else "chunked"
+    elif impl == "triton" and v.device.type == "cuda" and not torch.compiler.is_compiling():
+        from ..triton_utils import check_launch_fits  # named ValueError instead of a Triton OutOfResources
+        check_launch_fits(chunk_size, q.shape[-1], v.shape[-1],
+                          torch.float32 if q.dtype == torch.float32 else torch.bfloat16, v.device,
+                          backward=torch.is_grad_enabled() and any(t.requires_grad for t in (q, v)))
     args = (q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z)
     kw = dict(initial_state=initial_state, return_final_state=return_final_state, cu_seqlens=cu_seqlens,
               chunk_size=chunk_size)
