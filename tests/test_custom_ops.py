@@ -219,7 +219,7 @@ def test_registration_imports_without_triton():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter check is for CPU-only machines")
 def test_ops_on_triton_kernels_under_interpreter_match_pytorch_form():
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", reason="runs the real kernels under the Triton interpreter: needs triton")
     _run("""
         import torch
         from mamba3.ops.custom_ops import _core_fwd_torch, _core_bwd_torch, mamba3_siso_step_op

@@ -25,7 +25,7 @@ def test_byte_stream_decodes_multibyte_characters():
 
 
 def test_load_tokenizers_json(tmp_path):
-    tokenizers = pytest.importorskip("tokenizers")
+    tokenizers = pytest.importorskip("tokenizers", reason="JSON tokenizers need the optional tokenizers package")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     t = Tokenizer(models.BPE())
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
