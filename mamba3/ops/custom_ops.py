@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .mamba3.chunked import _final_state, mamba3_siso_chunked
-from .mamba3.common import Mamba3State, angle_increments, cumulative_angles, expand_groups, rotate_interleaved
+from .mamba3.common import (Mamba3State, angle_increments, cumulative_angles, expand_groups,
+                            rotate_interleaved, siso_varlen)
 from .mamba3.reference import mamba3_siso_step_reference
-from .utils import pack_to_padded, padded_to_pack, seq_lengths
 
 
 def _on_triton(t: Tensor) -> bool:
@@ -233,11 +233,8 @@ def mamba3_siso_op(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D=None, z=None
     if cu_seqlens is None:
         return _forward(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state,
                         return_final_state, chunk_size, None)
-    pad = lambda t: None if t is None else pack_to_padded(t, cu_seqlens)
-    lengths = torch.tensor(seq_lengths(cu_seqlens), device=v.device)
-    y, final = _forward(pad(q), pad(k), pad(v), pad(dA), pad(dt), pad(trap), q_bias, k_bias, pad(angles), D,
-                        pad(z), initial_state, return_final_state, chunk_size, lengths)
-    return padded_to_pack(y, cu_seqlens), final
+    return siso_varlen(_forward, q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state,
+                       return_final_state, chunk_size, cu_seqlens)
 
 
 def _forward(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state, return_final_state,

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..utils import compute_dtype, pack_to_padded, padded_to_pack, seq_lengths
-from .common import Mamba3State, angle_increments, cumulative_angles, expand_groups, rotate_interleaved
+from ..utils import compute_dtype
+from .common import (Mamba3State, angle_increments, cumulative_angles, expand_groups, rotate_interleaved,
+                     siso_varlen)
 
 
 def mamba3_siso_chunked(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D=None, z=None, *,
@@ -27,21 +28,10 @@ def mamba3_siso_chunked(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D=None, z
                         cu_seqlens: Optional[Tensor] = None, chunk_size: int = 64):
     """Chunked Mamba-3 SISO (same signature as :func:`mamba3.ops.mamba3_siso`)."""
     if cu_seqlens is not None:
-        return _varlen(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state,
-                       return_final_state, cu_seqlens, chunk_size)
+        return siso_varlen(_chunked, q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state,
+                           return_final_state, chunk_size, cu_seqlens)
     return _chunked(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state,
                     return_final_state, chunk_size, lengths=None)
-
-
-def _varlen(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state, return_final_state,
-            cu_seqlens, chunk_size):
-    """Packed sequences -> right-padded batch. Padding uses dt = dA = 0, which leaves the state,
-    the phase and the shifted trapezoid scale untouched, so outputs and final states are exact."""
-    pad = lambda t: None if t is None else pack_to_padded(t, cu_seqlens)
-    lengths = torch.tensor(seq_lengths(cu_seqlens), device=v.device)
-    y, final = _chunked(pad(q), pad(k), pad(v), pad(dA), pad(dt), pad(trap), q_bias, k_bias, pad(angles), D,
-                        pad(z), initial_state, return_final_state, chunk_size, lengths=lengths)
-    return padded_to_pack(y, cu_seqlens), final
 
 
 def _chunked(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state, return_final_state,

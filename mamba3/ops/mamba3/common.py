@@ -16,7 +16,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ..utils import FLOAT_DTYPES, check_cu_seqlens, check_same_device, check_tensor
+from ..utils import (FLOAT_DTYPES, check_cu_seqlens, check_same_device, check_tensor, pack_to_padded,
+                     padded_to_pack, seq_lengths)
 
 TWO_PI = 2.0 * math.pi
 
@@ -198,3 +199,19 @@ def check_finite(name: str, t: Tensor) -> None:
     """Cheap NaN/Inf guard for small tensors (parameters, states)."""
     if t is not None and t.dtype in FLOAT_DTYPES and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or Inf")
+
+
+def siso_varlen(forward, q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state, return_final_state,
+                chunk_size, cu_seqlens):
+    """Run a padded-batch SISO form on packed sequences ([1, total, ...] with ``cu_seqlens``).
+
+    The sequences are right-padded into a batch; padding has dt = dA = 0, which leaves the state, the
+    phase and the shifted trapezoid scale untouched, so outputs and final states are exact.
+    ``forward(q, ..., z, initial_state, return_final_state, chunk_size, lengths)`` must zero the
+    shifted term after each row's last token (``lengths`` [S]) and read the final k/v there.
+    """
+    pad = lambda t: None if t is None else pack_to_padded(t, cu_seqlens)
+    lengths = torch.tensor(seq_lengths(cu_seqlens), device=v.device)
+    y, final = forward(pad(q), pad(k), pad(v), pad(dA), pad(dt), pad(trap), q_bias, k_bias, pad(angles), D,
+                       pad(z), initial_state, return_final_state, chunk_size, lengths)
+    return padded_to_pack(y, cu_seqlens), final

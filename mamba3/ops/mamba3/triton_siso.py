@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..utils import pack_to_padded, padded_to_pack, seq_lengths
-from .common import Mamba3State, angle_increments, cumulative_angles, expand_groups, rotate_interleaved
+from .common import (Mamba3State, angle_increments, cumulative_angles, expand_groups, rotate_interleaved,
+                     siso_varlen)
 from .triton_siso_bwd import prep_bwd, ssd_core_bwd
 from .triton_siso_fwd import INTERPRET, chunk_start_phases, mamba3_fused_fwd, ssd_core_fwd
 
@@ -86,11 +86,8 @@ def mamba3_siso_triton(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D=None, z=
     if cu_seqlens is None:
         return _forward(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state,
                         return_final_state, chunk_size, None)
-    pad = lambda t: None if t is None else pack_to_padded(t, cu_seqlens)
-    lengths = torch.tensor(seq_lengths(cu_seqlens), device=v.device)
-    y, final = _forward(pad(q), pad(k), pad(v), pad(dA), pad(dt), pad(trap), q_bias, k_bias, pad(angles), D,
-                        pad(z), initial_state, return_final_state, chunk_size, lengths)
-    return padded_to_pack(y, cu_seqlens), final
+    return siso_varlen(_forward, q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state,
+                       return_final_state, chunk_size, cu_seqlens)
 
 
 def _forward(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state, return_final_state,
