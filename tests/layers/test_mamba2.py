@@ -179,3 +179,17 @@ def test_bfloat16_layer_keeps_fp32_ssm_state():
 def test_positional_arguments_follow_official_order():
     m = Mamba2(16, 8, 3, None, 2, 4, None, 2)   # d_model, d_state, d_conv, conv_init, expand, headdim, d_ssm, ngroups
     assert (m.d_state, m.d_conv, m.headdim, m.ngroups) == (8, 3, 4, 2)
+
+
+def test_triton_impl_matches_chunked():
+    """impl='triton' (the Mamba-3 SISO kernels; Triton interpreter without CUDA) in the layer."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    m = layer(chunk_size=16).float().to(dev)
+    u = torch.randn(2, 21, 16, device=dev)
+    cache = m.allocate_inference_cache(2)
+    y = m(u, cache=cache)
+    m.impl = "triton"
+    cache_t = m.allocate_inference_cache(2)
+    torch.testing.assert_close(m(u, cache=cache_t), y, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cache_t.ssm, cache.ssm, rtol=1e-4, atol=1e-5)

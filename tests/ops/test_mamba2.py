@@ -1,5 +1,7 @@
 """Mamba-2 SSD op: chunked vs float64 token loop, step, continuation, varlen, and SSD == Mamba-3
-with lambda = 1, no rotation and no biases."""
+with lambda = 1, no rotation and no biases; impl="triton" (the Mamba-3 SISO kernels, under the
+Triton interpreter without CUDA: tests/conftest.py sets TRITON_INTERPRET=1) on tiny shapes."""
+import importlib.util
 import math
 
 import pytest
@@ -149,7 +151,7 @@ def test_bfloat16_inputs_return_bfloat16():
     (lambda a: a.update(initial_state=torch.zeros(2, 4, 3, 4, dtype=F64)), ValueError,
      r"initial_state must have shape \[B, H, P, N\]"),
     (lambda a: a.update(chunk_size=0), ValueError, r"chunk_size must be a positive int"),
-    (lambda a: a.update(impl="triton"), ValueError, r"impl must be one of \['auto', 'reference', 'chunked'\]"),
+    (lambda a: a.update(impl="cuda"), ValueError, r"impl must be one of \['auto', 'reference', 'chunked', 'triton'\]"),
     (lambda a: a.update(cu_seqlens=torch.tensor([0, 13], dtype=torch.int32)), ValueError,
      r"with cu_seqlens the batch dimension must be 1"),
 ])
@@ -170,3 +172,122 @@ def test_step_validation_errors():
         ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, None, state[..., :-1])
     with pytest.raises(ValueError, match=r"dt must have shape \[B, H\]"):
         ssd_step(x[:, 0], dt[:, 0, :-1], A, B[:, 0], C[:, 0], D, None, state)
+
+
+# ---- impl="triton" ---------------------------------------------------------------------------
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def triton_vs_reference(args, s0, cu=None, chunk=16):
+    """Forward, final state and every input gradient of impl='triton' (float32, on DEV) against
+    the float64 token loop; returns the list of (name, relative error)."""
+    names = ("x", "dt", "A", "B", "C", "D", "z", "initial_state")
+    leaves64 = [None if t is None else t.detach().double().requires_grad_() for t in (*args, s0)]
+    leaves32 = [None if t is None else t.detach().float().to(DEV).requires_grad_() for t in (*args, s0)]
+    y64, f64 = ssd(*leaves64[:7], initial_state=leaves64[7], return_final_state=True, cu_seqlens=cu,
+                   impl="reference")
+    y32, f32 = ssd(*leaves32[:7], initial_state=leaves32[7], return_final_state=True,
+                   cu_seqlens=None if cu is None else cu.to(DEV), chunk_size=chunk, impl="triton")
+    assert y32.dtype == torch.float32 and f32.dtype == torch.float32 and y32.device.type == DEV
+    g = torch.Generator().manual_seed(5)
+    dy, df = torch.randn(y64.shape, generator=g, dtype=F64), torch.randn(f64.shape, generator=g, dtype=F64)
+    ((y64 * dy).sum() + (f64 * df).sum()).backward()
+    ((y32 * dy.float().to(DEV)).sum() + (f32 * df.float().to(DEV)).sum()).backward()
+    errs = [("y", rel(y32, y64)), ("final_state", rel(f32, f64))]
+    errs += [(n, rel(a.grad, b.grad)) for n, a, b in zip(names, leaves32, leaves64) if a is not None]
+    return errs
+
+
+@needs_triton
+@pytest.mark.parametrize("gate,D2,init", [(False, False, False), (True, True, True)])
+def test_triton_matches_reference(gate, D2, init):
+    x, dt, A, B, C, D, z = make(T=37, H=4, P=8, G=2, N=16, gate=gate, D2=D2)   # T: 2 full chunks + a tail
+    s0 = torch.randn(2, 4, 8, 16, dtype=F64) if init else None
+    for name, err in triton_vs_reference((x, dt, A, B, C, D, z), s0):
+        assert err < 1e-4, name
+
+
+@needs_triton
+def test_triton_varlen_matches_reference():
+    lengths = [5, 0, 20, 12]
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    x, dt, A, B, C, D, z = make(Bs=1, T=sum(lengths), H=2, P=8, G=1, N=16, gate=True)
+    s0 = torch.randn(len(lengths), 2, 8, 16, dtype=F64)
+    for name, err in triton_vs_reference((x, dt, A, B, C, D, z), s0, cu=cu):
+        assert err < 1e-4, name
+
+
+@needs_triton
+def test_triton_prefix_continuation_equals_whole():
+    x, dt, A, B, C, D, z = (t.float().to(DEV) for t in make(T=40, H=2, P=8, G=1, N=16, gate=True))
+    y, s = ssd(x, dt, A, B, C, D, z, return_final_state=True, chunk_size=16, impl="triton")
+    sl = lambda t, a, b: t[:, a:b]
+    y1, s1 = ssd(*(sl(t, 0, 19) for t in (x, dt)), A, *(sl(t, 0, 19) for t in (B, C)), D, sl(z, 0, 19),
+                 return_final_state=True, chunk_size=16, impl="triton")
+    y2, s2 = ssd(*(sl(t, 19, 40) for t in (x, dt)), A, *(sl(t, 19, 40) for t in (B, C)), D, sl(z, 19, 40),
+                 initial_state=s1, return_final_state=True, chunk_size=16, impl="triton")
+    assert rel(torch.cat([y1, y2], 1), y) < 1e-5 and rel(s2, s) < 1e-5
+
+
+@needs_triton
+def test_auto_takes_triton_when_available(monkeypatch):
+    """impl='auto' dispatch: Triton (at a power-of-two chunk that fits) when the kernels can run,
+    chunked for float64 or when they cannot."""
+    import mamba3.ops.mamba2.interface as itf
+    import mamba3.ops.mamba3.triton_siso as ts
+
+    calls = []
+    real = ts.ssd_triton
+    monkeypatch.setattr(ts, "ssd_triton", lambda *a, **k: calls.append(k["chunk_size"]) or real(*a, **k))
+    x, dt, A, B, C, D, _ = (t.float() for t in make(T=20, H=2, P=8, G=1, N=16, gate=True))
+    y_chunked, _ = ssd(x, dt, A, B, C, D, chunk_size=256)                 # CPU: chunked
+    assert calls == []
+    monkeypatch.setattr(itf, "triton_available", lambda device: True)
+    y_auto, _ = ssd(x, dt, A, B, C, D, chunk_size=256)
+    fit = itf.triton_chunk(256, 16, 8, torch.float32, False, itf._device_smem(x.device))   # 99 KB: no CUDA
+    assert calls == [fit] and fit in (16, 32, 64, 128) and rel(y_auto, y_chunked) < 1e-5
+    ssd(x.double(), dt.double(), A.double(), B.double(), C.double(), D.double(), chunk_size=256)
+    assert calls == [fit]                                                 # float64: chunked
+
+
+def test_triton_chunk_choice():
+    from mamba3.ops.mamba2.interface import triton_chunk
+    kb = 1024
+    assert triton_chunk(256, 128, 64, torch.float32, True, 227 * kb) == 64     # official shape, H100
+    assert triton_chunk(256, 128, 64, torch.bfloat16, False, 227 * kb) == 128
+    assert triton_chunk(256, 128, 64, torch.float32, True, 99 * kb) == 16
+    assert triton_chunk(100, 16, 8, torch.float32, True, 227 * kb) == 64       # largest power of two <= 100
+    assert triton_chunk(4, 16, 8, torch.float32, True, 227 * kb) == 16
+    assert triton_chunk(64, 256, 128, torch.float32, True, 8 * kb) is None
+
+
+@needs_triton
+@pytest.mark.parametrize("mutate,exc,match", [
+    (lambda a: a.update(x=a["x"].double()), TypeError, r"impl='triton' needs x in float32/bfloat16/float16"),
+    (lambda a: a.update(initial_state=torch.zeros(2, 4, 3, 5, dtype=F64)), TypeError,
+     r"impl='triton' needs initial_state in float32"),
+    (lambda a: a.update(chunk_size=24), ValueError, r"impl='triton' needs chunk_size a power of two >= 16"),
+    (lambda a: a.update(chunk_size=8), ValueError, r"impl='triton' needs chunk_size a power of two >= 16"),
+])
+def test_triton_validation_errors(mutate, exc, match):
+    x, dt, A, B, C, D, z = (t.float().to(DEV) for t in make(gate=True))
+    a = dict(x=x, initial_state=None, chunk_size=16)
+    mutate(a)
+    with pytest.raises(exc, match=match):
+        ssd(a["x"], dt, A, B, C, D, z, initial_state=a["initial_state"], chunk_size=a["chunk_size"], impl="triton")
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-tensor error needs a machine without CUDA")
+def test_triton_rejects_cpu_tensors_without_interpreter(monkeypatch):
+    import mamba3.ops.mamba3.triton_siso_fwd as fwd
+    monkeypatch.setattr(fwd, "INTERPRET", False)
+    x, dt, A, B, C, D, _ = (t.float() for t in make(gate=True))
+    with pytest.raises(ValueError, match=r"impl='triton' needs CUDA tensors, got cpu"):
+        ssd(x, dt, A, B, C, D, chunk_size=16, impl="triton")

@@ -1,4 +1,8 @@
-"""Entry points for Mamba-2's SSD op: validation, then dispatch to reference / chunked."""
+"""Entry points for Mamba-2's SSD op: validation, then dispatch to reference / chunked / triton.
+
+The Triton path is :func:`mamba3.ops.mamba3.triton_siso.ssd_triton`: Mamba-2 is Mamba-3 SISO with
+lambda = 1, no rotation and no biases, so the Mamba-3 kernels run it (imported lazily: no triton
+import on the CPU paths)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -10,7 +14,8 @@ from ..utils import check_cu_seqlens, check_impl, check_same_device, check_tenso
 from .chunked import ssd_chunked
 from .reference import ssd_reference, ssd_step_reference
 
-SSD_IMPLS = ("auto", "reference", "chunked")
+SSD_IMPLS = ("auto", "reference", "chunked", "triton")
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
@@ -30,8 +35,14 @@ def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tens
         initial_state: [B, H, P, N] (or [num_seqs, H, P, N] with cu_seqlens) state to continue from.
         return_final_state: also return the state after the last token (per sequence).
         cu_seqlens: [S + 1] int offsets of packed sequences (then B must be 1).
-        chunk_size: chunk length of the chunked form (the official kernels use 256).
-        impl: "auto" (chunked), "reference" (token loop) or "chunked".
+        chunk_size: chunk length of the chunked form (the official kernels use 256). The Triton
+            kernels need a power of two >= 16.
+        impl: "auto", "reference" (token loop), "chunked" (PyTorch) or "triton" (the Mamba-3 SISO
+            kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; no float64). "auto" takes
+            Triton for CUDA float32/bf16/fp16 input when triton imports, else chunked. The chunk
+            length only tiles the computation (results agree to rounding), so on the Triton path
+            "auto" uses the largest power of two <= max(chunk_size, 16) whose kernels fit the
+            device's shared memory (chunk 256 at d_state 128 does not), chunked if none does.
 
     Returns:
         (y [B, T, H, P] in x's dtype, final state [., H, P, N] float32 (float64 for float64 input) or None)
@@ -45,9 +56,92 @@ def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tens
     """
     check_impl(impl, SSD_IMPLS)
     validate_ssd(x, dt, A, B, C, D, z, initial_state, cu_seqlens, chunk_size)
+    tensors = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, initial_state=initial_state)
+    backward = torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values() if t is not None)
+    if impl == "auto":
+        impl, chunk_size = _auto_impl(tensors, chunk_size, backward)
+    elif impl == "triton":
+        check_triton_ssd(tensors, chunk_size, backward)
+    kw = dict(initial_state=initial_state, return_final_state=return_final_state, cu_seqlens=cu_seqlens,
+              chunk_size=chunk_size)
+    if impl == "triton":
+        from ..mamba3.triton_siso import ssd_triton
+        return ssd_triton(x, dt, A, B, C, D, z, **kw)
     fn = ssd_reference if impl == "reference" else ssd_chunked
-    return fn(x, dt, A, B, C, D, z, initial_state=initial_state, return_final_state=return_final_state,
-              cu_seqlens=cu_seqlens, chunk_size=chunk_size)
+    return fn(x, dt, A, B, C, D, z, **kw)
+
+
+def triton_available(device: torch.device) -> bool:
+    """True when the Triton SSD kernels can run for tensors on ``device`` (CUDA, triton importable)."""
+    if device.type != "cuda":
+        return False
+    try:
+        from ..mamba3 import triton_siso  # noqa: F401
+    except Exception:  # triton missing or too old: the chunked path
+        return False
+    return True
+
+
+def triton_chunk(chunk_size: int, d_state: int, headdim: int, dtype: torch.dtype, backward: bool,
+                 smem_limit: int) -> Optional[int]:
+    """impl='auto': the kernel chunk length, the largest power of two <= max(chunk_size, 16) (and
+    >= 16) whose Triton kernels fit ``smem_limit`` bytes of shared memory per block; None if none."""
+    from ..mamba3.interface import triton_fits
+    c = 1 << (max(chunk_size, 16).bit_length() - 1)
+    kd = torch.float32 if dtype == torch.float32 else torch.bfloat16
+    while c >= 16:
+        if triton_fits(c, d_state, headdim, kd, backward, smem_limit):
+            return c
+        c //= 2
+    return None
+
+
+def _auto_impl(tensors: dict, chunk_size: int, backward: bool):
+    x, B = tensors["x"], tensors["B"]
+    if not triton_available(x.device) or any(t is not None and t.dtype not in TRITON_DTYPES
+                                             for t in tensors.values()):
+        return "chunked", chunk_size
+    c = triton_chunk(chunk_size, B.shape[-1], x.shape[-1], x.dtype, backward, _device_smem(x.device))
+    return ("chunked", chunk_size) if c is None else ("triton", c)
+
+
+def _device_smem(device: torch.device) -> int:
+    """Shared memory per block of a CUDA device (bytes, cached); 99 KB (the smallest target part)
+    when it cannot be queried."""
+    from ..triton_utils import SMEM_99KB, device_smem_limit
+    try:
+        from ..mamba3.interface import _smem_limit
+        return _smem_limit(device.index if device.index is not None else torch.cuda.current_device(),
+                           device_smem_limit)
+    except Exception:
+        return SMEM_99KB
+
+
+def check_triton_ssd(tensors: dict, chunk_size: int, backward: bool) -> None:
+    """impl='triton': named errors for what the kernels cannot take (dtype, device, chunk)."""
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"impl='triton' needs chunk_size a power of two >= 16, got {chunk_size}")
+    for name, t in tensors.items():
+        if t is not None and t.dtype not in TRITON_DTYPES:
+            raise TypeError(f"impl='triton' needs {name} in float32/bfloat16/float16, got {t.dtype} "
+                            "(use impl='reference' or 'chunked' for float64)")
+    x = tensors["x"]
+    if x.device.type != "cuda":
+        try:
+            from ..mamba3 import triton_siso_fwd
+        except Exception as e:
+            raise ValueError(f"impl='triton' needs an importable triton ({e}); use impl='chunked'") from None
+        if not triton_siso_fwd.INTERPRET:
+            raise ValueError(f"impl='triton' needs CUDA tensors, got {x.device} (set TRITON_INTERPRET=1 "
+                             "before importing triton to run the kernels on CPU tensors; or impl='chunked')")
+        return
+    if not triton_available(x.device):
+        raise ValueError("impl='triton' needs an importable triton (>= 3.5); use impl='chunked'")
+    if not torch.compiler.is_compiling():  # named ValueError instead of a Triton OutOfResources
+        from ..triton_utils import check_launch_fits
+        check_launch_fits(chunk_size, tensors["B"].shape[-1], x.shape[-1],
+                          torch.float32 if x.dtype == torch.float32 else torch.bfloat16, x.device,
+                          backward=backward)
 
 
 def ssd_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
