@@ -1,4 +1,4 @@
-"""Entry points for the Mamba-3 MIMO op: validation, then dispatch to reference / chunked."""
+"""Entry points for the Mamba-3 MIMO op: validation, then dispatch to reference / chunked / triton."""
 from __future__ import annotations
 
 from typing import Optional
@@ -6,12 +6,17 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ... import debug
 from ..utils import check_cu_seqlens, check_impl, check_same_device, check_tensor, check_writable
 from .common import Mamba3State, _validate_angles, validate_state
 from .mimo_chunked import mamba3_mimo_chunked
 from .mimo_reference import mamba3_mimo_reference, mamba3_mimo_step_reference
 
-MIMO_IMPLS = ("auto", "reference", "chunked")
+MIMO_IMPLS = ("auto", "reference", "chunked", "triton")
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# SSD-core kernels the Triton MIMO path launches (tile CHUNK = chunk_size * R rows)
+MIMO_TRITON_KERNELS_FWD = ("chunk_state", "chunk_out")
+MIMO_TRITON_KERNELS_BWD = ("chunk_dstate", "chunk_bwd")
 
 
 def default_mimo_chunk_size(rank: int) -> int:
@@ -19,10 +24,44 @@ def default_mimo_chunk_size(rank: int) -> int:
     return max(1, 64 // rank)
 
 
-def _check_impl(impl: str, choices) -> None:
-    if impl == "triton":
-        raise ValueError("impl='triton' has no MIMO kernel yet; use impl='chunked' (or 'auto')")
-    check_impl(impl, choices)
+def triton_mimo_supported(chunk_size: int, rank: int, tensors) -> bool:
+    """Shapes and dtypes the Triton MIMO path takes: chunk_size * R a power of two >= 16, every
+    tensor fp32 / bf16 / fp16 (``tensors``: iterable, None entries skipped)."""
+    rows = chunk_size * rank
+    return rows >= 16 and rows & (rows - 1) == 0 and all(t is None or t.dtype in TRITON_DTYPES for t in tensors)
+
+
+def check_mimo_triton_inputs(chunk_size: int, rank: int, named) -> None:
+    """impl='triton' shape and dtype rules, checked before triton is imported. named: (name, tensor
+    or None) pairs. Raises ValueError (tile size) or TypeError naming the argument (dtype)."""
+    rows = chunk_size * rank
+    if rows < 16 or rows & (rows - 1):
+        raise ValueError(f"impl='triton' needs chunk_size * R (the kernel tile of (time, rank) rows) a power of "
+                         f"two >= 16, got chunk_size={chunk_size}, R={rank}; use impl='chunked' for other sizes")
+    for name, t in named:
+        if t is not None and t.dtype not in TRITON_DTYPES:
+            raise TypeError(f"impl='triton' needs {name} in float32/bfloat16/float16, got {t.dtype} "
+                            "(use impl='reference' or 'chunked' for float64)")
+
+
+def _auto_picks_triton(q: Tensor, v: Tensor, chunk_size: int, tensors) -> bool:
+    """impl='auto': Triton for CUDA tensors of a supported shape and dtype whose kernels fit the
+    device's shared memory (analytic bound of mamba3.ops.triton_utils); else the chunked path."""
+    R, N, P = q.shape[2], q.shape[-1], v.shape[-1]
+    if v.device.type != "cuda" or torch.compiler.is_compiling() or not triton_mimo_supported(chunk_size, R, tensors):
+        return False
+    from .interface import triton_available
+    if not triton_available(v.device):
+        return False
+    try:
+        from ..triton_utils import analytic_smem, device_smem_limit
+        backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        names = MIMO_TRITON_KERNELS_FWD + (MIMO_TRITON_KERNELS_BWD if backward else ())
+        dtype = torch.float32 if v.dtype == torch.float32 else torch.bfloat16
+        limit = device_smem_limit(v.device)
+        return all(analytic_smem(n, chunk_size * R, N, P, dtype) <= limit for n in names)
+    except Exception:  # no accounting available: keep the kernels
+        return True
 
 
 def _validate_common(q, k, v, q_bias, k_bias, mimo_x, mimo_z, mimo_o, D, z, outproj_norm_weight, outproj_norm_eps,
@@ -75,7 +114,8 @@ def mamba3_mimo(q: Tensor, k: Tensor, v: Tensor, dA: Tensor, dt: Tensor, trap: T
         return_final_state: also return the state after the last token (per sequence).
         cu_seqlens: [S + 1] int offsets of packed sequences (then B must be 1).
         chunk_size: tokens per chunk (any int >= 1), default 64 // R.
-        impl: "auto" (= "chunked"), "reference" or "chunked".
+        impl: "auto" (Triton for CUDA tensors when chunk_size * R is a power of two >= 16 and the
+            inputs are fp32/bf16/fp16, else chunked), "reference", "chunked" or "triton".
         outproj_norm_weight: [H, P] per-rank RMSNorm over P before the gate (eps outproj_norm_eps).
 
     Returns:
@@ -91,7 +131,7 @@ def mamba3_mimo(q: Tensor, k: Tensor, v: Tensor, dA: Tensor, dt: Tensor, trap: T
         >>> y.shape, st.k.shape
         (torch.Size([2, 10, 2, 4]), torch.Size([2, 2, 2, 8]))
     """
-    _check_impl(impl, MIMO_IMPLS)
+    check_impl(impl, MIMO_IMPLS)
     H, P, R, N = _validate_common(q, k, v, q_bias, k_bias, mimo_x, mimo_z, mimo_o, D, z, outproj_norm_weight,
                                   outproj_norm_eps, time=True)
     B, T = v.shape[:2]
@@ -113,9 +153,34 @@ def mamba3_mimo(q: Tensor, k: Tensor, v: Tensor, dA: Tensor, dt: Tensor, trap: T
     args = (q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z)
     kw = dict(initial_state=initial_state, return_final_state=return_final_state, cu_seqlens=cu_seqlens,
               chunk_size=chunk_size, outproj_norm_weight=outproj_norm_weight, outproj_norm_eps=outproj_norm_eps)
+    if impl == "auto":
+        tensors = args + (outproj_norm_weight,)
+        impl = "triton" if _auto_picks_triton(q, v, chunk_size, tensors) else "chunked"
     if impl == "reference":
-        return mamba3_mimo_reference(*args, **kw)
-    return mamba3_mimo_chunked(*args, **kw)
+        out = mamba3_mimo_reference(*args, **kw)
+    elif impl == "chunked":
+        out = mamba3_mimo_chunked(*args, **kw)
+    else:
+        out = _run_triton(args, kw, R, N, P)
+    if debug.enabled():
+        debug.check_op(f"mamba3_mimo[{impl}]", (args, initial_state), out)
+    return out
+
+
+def _run_triton(args, kw, R, N, P):
+    names = ("q", "k", "v", "dA", "dt", "trap", "q_bias", "k_bias", "angles", "mimo_x", "mimo_z", "mimo_o", "D", "z")
+    tensors = args + (kw["outproj_norm_weight"],)
+    v, C = args[2], kw["chunk_size"]
+    check_mimo_triton_inputs(C, R, zip(names + ("outproj_norm_weight",), tensors))
+    try:
+        from .triton_mimo import mamba3_mimo_triton
+    except ImportError as e:
+        raise ValueError(f"impl='triton' needs an importable triton (>= 3.5): {e}; use impl='chunked'") from e
+    if v.device.type == "cuda" and not torch.compiler.is_compiling():
+        from ..triton_utils import check_launch_fits  # named ValueError instead of a Triton OutOfResources
+        check_launch_fits(C * R, N, P, torch.float32 if v.dtype == torch.float32 else torch.bfloat16, v.device,
+                          backward=torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+    return mamba3_mimo_triton(*args, **kw)   # checks the device (CUDA, or CPU under TRITON_INTERPRET=1)
 
 
 def mamba3_mimo_step(q: Tensor, k: Tensor, v: Tensor, dA: Tensor, dt: Tensor, trap: Tensor,
@@ -130,7 +195,7 @@ def mamba3_mimo_step(q: Tensor, k: Tensor, v: Tensor, dA: Tensor, dt: Tensor, tr
     state: Mamba3State(angle [B, H, S], ssm [B, H, P, N], k [B, R, H, N], v [B, H, P]).
     Returns out [B, H, P] in v's dtype. The state keeps its own dtypes.
     """
-    _check_impl(impl, ("auto", "reference"))
+    check_impl(impl, ("auto", "reference"))
     H, P, R, N = _validate_common(q, k, v, q_bias, k_bias, mimo_x, mimo_z, mimo_o, D, z, outproj_norm_weight,
                                   outproj_norm_eps, time=False)
     B = v.shape[0]

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..utils import compute_dtype, seq_lengths
-from .common import TWO_PI, Mamba3State, expand_groups, rotate_halves
+from .common import TWO_PI, Mamba3State, rotate_halves
 
 
 def mimo_output(Y: Tensor, z: Optional[Tensor], mimo_z: Tensor, mimo_o: Tensor,
@@ -39,8 +39,12 @@ def mimo_output(Y: Tensor, z: Optional[Tensor], mimo_z: Tensor, mimo_o: Tensor,
 
 
 def heads_from_groups(x: Tensor, bias: Tensor, nheads: int) -> Tensor:
-    """x: [..., R, G, N] + bias [H, R, N] -> [..., R, H, N] (head h reads group h // (H // G))."""
-    return expand_groups(x, nheads) + bias.transpose(0, 1).to(x.dtype)
+    """x: [..., R, G, N] + bias [H, R, N] -> [..., R, H, N] (head h reads group h // (H // G)).
+
+    One broadcast add in the promoted dtype (bf16 x + fp32 bias -> fp32), so the group expansion
+    and the upcast make no extra full-size copies."""
+    R, G, N = x.shape[-3:]
+    return (x.unsqueeze(-2) + bias.transpose(0, 1).reshape(R, G, nheads // G, N)).flatten(-3, -2)
 
 
 def mamba3_mimo_step_reference(q: Tensor, k: Tensor, v: Tensor, dA: Tensor, dt: Tensor, trap: Tensor,

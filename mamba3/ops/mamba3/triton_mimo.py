@@ -13,6 +13,8 @@ R x R correction per token:
 
 Preparation (bias, split-half rotation, scales), the correction and the rank contraction run in
 PyTorch (differentiable); the chunked SSD with its state passing runs on Triton (SSDCoreFn).
+The per-head PyTorch tensors are [B, T, R, H, N] fp32; without autograd, run_mimo
+(mimo_chunked.py) bounds them by running head / batch-row blocks, as for the chunked path.
 """
 from __future__ import annotations
 
@@ -22,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..utils import pack_to_padded, padded_to_pack, seq_lengths
 from .common import Mamba3State, angle_increments, cumulative_angles, rotate_halves
-from .mimo_chunked import _final_state
+from .mimo_chunked import _final_state, _last_token, run_mimo
+from .mimo_interface import check_mimo_triton_inputs
 from .mimo_reference import heads_from_groups, mimo_output
 from .triton_siso import SSDCoreFn, check_triton_inputs
 from .triton_siso_fwd import INTERPRET
@@ -36,20 +38,17 @@ def mamba3_mimo_triton(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mi
                        outproj_norm_weight: Optional[Tensor] = None, outproj_norm_eps: float = 1e-5):
     """Triton Mamba-3 MIMO (same signature and results as :func:`mamba3.ops.mamba3_mimo`).
 
-    chunk_size (tokens, default 64 // R) times R must be a power of two >= 16."""
+    chunk_size (tokens, default 64 // R) times R must be a power of two >= 16; inputs fp32, bf16
+    or fp16 (core matmul operands in v's dtype, fp32 accumulation; the rest in fp32)."""
     R = q.shape[2]
     C = max(1, 64 // R) if chunk_size is None else chunk_size
-    check_triton_inputs(C * R, [("q", q), ("k", k), ("v", v), ("dA", dA), ("dt", dt), ("trap", trap),
-                                ("q_bias", q_bias), ("k_bias", k_bias), ("angles", angles), ("mimo_x", mimo_x),
-                                ("mimo_z", mimo_z), ("mimo_o", mimo_o), ("D", D), ("z", z)])
-    rest = (initial_state, return_final_state, C, outproj_norm_weight, outproj_norm_eps)
-    if cu_seqlens is None:
-        return _forward(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, *rest, None)
-    pad = lambda t: None if t is None else pack_to_padded(t, cu_seqlens)
-    lengths = torch.tensor(seq_lengths(cu_seqlens), device=v.device)
-    y, final = _forward(pad(q), pad(k), pad(v), pad(dA), pad(dt), pad(trap), q_bias, k_bias, pad(angles), mimo_x,
-                        mimo_z, mimo_o, D, pad(z), *rest, lengths)
-    return padded_to_pack(y, cu_seqlens), final
+    named = [("q", q), ("k", k), ("v", v), ("dA", dA), ("dt", dt), ("trap", trap), ("q_bias", q_bias),
+             ("k_bias", k_bias), ("angles", angles), ("mimo_x", mimo_x), ("mimo_z", mimo_z), ("mimo_o", mimo_o),
+             ("D", D), ("z", z), ("outproj_norm_weight", outproj_norm_weight)]
+    check_mimo_triton_inputs(C, R, named)
+    check_triton_inputs(C * R, named)                    # device: CUDA, or CPU under TRITON_INTERPRET=1
+    return run_mimo(_forward, q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z,
+                    initial_state, return_final_state, C, outproj_norm_weight, outproj_norm_eps, cu_seqlens)
 
 
 def _forward(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, initial_state,
@@ -59,15 +58,21 @@ def _forward(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo
     kd = torch.float32 if INTERPRET else v.dtype          # core matmul operand dtype
     f32 = lambda t: None if t is None else t.float()
     dt32, lam = f32(dt), torch.sigmoid(f32(trap))                                   # [B, T, H]
-    qh = heads_from_groups(f32(q), q_bias.float(), H)                               # [B, T, R, H, N]
-    kh = heads_from_groups(f32(k), k_bias.float(), H)
+    # fp32 per-head tensors come from one broadcast op on the (possibly half-precision) inputs
+    qh = heads_from_groups(q, q_bias.float(), H)                                    # [B, T, R, H, N]
+    kh = heads_from_groups(k, k_bias.float(), H)
     a0 = None if initial_state is None else initial_state.angle.float()
     theta = cumulative_angles(angle_increments(dt32, f32(angles)), a0)              # [B, T, H, S]
-    qr, kr = rotate_halves(qh, theta.unsqueeze(2)), rotate_halves(kh, theta.unsqueeze(2))
     psi = mimo_x.float().transpose(0, 1)                                            # [R, H, P]
-    X = psi * f32(v).unsqueeze(2)                                                   # [B, T, R, H, P]
+    X = psi * v.unsqueeze(2)                                                        # [B, T, R, H, P]
     gamma = lam * dt32
     c = gamma + F.pad(((1.0 - lam) * dt32)[:, 1:], (0, 0, 0, 1))                   # 0 after the last token
+    M = torch.einsum("btrhn,btjhn->bthrj", qh, kh)                                 # [B, T, H, R, R]
+    qr = rotate_halves(qh, theta.unsqueeze(2))
+    del qh
+    kr = rotate_halves(kh, theta.unsqueeze(2))
+    del kh
+    k_last = _last_token(kr, lengths) if return_final_state and T > 0 else None
 
     S0 = None
     if initial_state is not None and T > 0:
@@ -77,7 +82,9 @@ def _forward(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo
 
     # expanded sequence of T*R rows (row t*R + r); decay on the first row of each token
     Qx = qr.reshape(B, T * R, H, N).to(kd)
+    del qr
     Kx = (kr * c[:, :, None, :, None]).reshape(B, T * R, H, N).to(kd)
+    del kr
     Vx = X.reshape(B, T * R, H, P).to(kd)
     dAx = F.pad(f32(dA).unsqueeze(2), (0, 0, 0, R - 1)).reshape(B, T * R, H)
     if T > 0:
@@ -86,17 +93,18 @@ def _forward(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo
     else:
         Y = X.new_zeros(B, 0, R, H, P)
         S = initial_state.ssm.float() if initial_state is not None else X.new_zeros(B, H, P, N)
+    del Qx, Kx, Vx
 
     # same-time R x R block: gamma_t M - c_t strict_lower(M), M[r, j] = <qh[r], kh[j]>
-    M = torch.einsum("btrhn,btjhn->bthrj", qh, kh)                                 # [B, T, H, R, R]
     lower = torch.ones(R, R, dtype=torch.bool, device=v.device).tril(-1)
     W = gamma[..., None, None] * M - c[..., None, None] * M * lower
     Y = Y + torch.einsum("bthrj,btjhp->btrhp", W, X)
     if D is not None:
         Y = Y + D.float()[:, None] * X
+    del X
     out = mimo_output(Y, f32(z), mimo_z.float(), mimo_o.float(), f32(norm_weight), eps)
 
     final = None
     if return_final_state:
-        final = _final_state(S, theta, kr, v, lengths, torch.float32, v.dtype, initial_state)
+        final = _final_state(S, theta, k_last, v, lengths, torch.float32, v.dtype, initial_state, R)
     return out.to(v.dtype), final

@@ -1,0 +1,272 @@
+"""Mamba-3 MIMO through impl="triton" (mamba3_mimo dispatch -> triton_mimo.py) vs the float64
+reference: forward, final state, every input gradient, continuation, varlen, the no-grad head/batch
+blocks, auto dispatch and the named errors.
+
+Without a CUDA device the kernels run under the Triton interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1) on tiny fp32 shapes; the reference runs in float64 on CPU.
+"""
+import os
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton", reason="triton is not installed")
+
+from mamba3.ops import mamba3_mimo  # noqa: E402
+import mamba3.ops.mamba3.mimo_chunked as mimo_chunked  # noqa: E402
+from mamba3.ops.mamba3 import Mamba3State, mamba3_mimo_reference  # noqa: E402
+from mamba3.ops.mamba3.mimo_interface import triton_mimo_supported  # noqa: E402
+
+DEV = "cuda" if HAS_CUDA else "cpu"
+NAMES = ("q", "k", "v", "dA", "dt", "trap", "q_bias", "k_bias", "angles", "mimo_x", "mimo_z", "mimo_o", "D", "z")
+PARAMS = ("q_bias", "k_bias", "mimo_x", "mimo_z", "mimo_o", "D", "w")
+
+
+def make_inputs(B=2, T=13, R=2, G=1, H=2, N=16, P=8, S=4, per_head_angles=False, norm=False, seed=0):
+    """fp32 inputs on DEV (w: the outproj norm weight [H, P] when norm)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)
+    dt = torch.rand(B, T, H, generator=g) * 0.4 + 0.05
+    x = dict(q=r(B, T, R, G, N), k=r(B, T, R, G, N), v=r(B, T, H, P), dA=dt * -(torch.rand(H, generator=g) + 0.3),
+             dt=dt, trap=r(B, T, H), q_bias=1 + 0.1 * r(H, R, N), k_bias=1 + 0.1 * r(H, R, N),
+             angles=r(B, T, H, S) if per_head_angles else r(B, T, S), mimo_x=1 + 0.2 * r(H, R, P),
+             mimo_z=1 + 0.2 * r(H, R, P), mimo_o=1 + 0.2 * r(H, R, P), D=r(H), z=r(B, T, H, P))
+    if norm:
+        x["w"] = 1 + 0.1 * r(H, P)
+    return {n: t.to(DEV) for n, t in x.items()}
+
+
+def make_state(B, R, H=2, N=16, P=8, S=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)
+    return Mamba3State(angle=3 * r(B, H, S), ssm=0.5 * r(B, H, P, N), k=r(B, R, H, N), v=r(B, H, P))
+
+
+def run(fn, x, **kw):
+    """fn(q, ..., z, outproj_norm_weight=w, **kw); D / z may be None."""
+    return fn(*[x.get(n) for n in NAMES], outproj_norm_weight=x.get("w"), **kw)
+
+
+def slice_t(x, a, b):
+    return {n: (t if n in PARAMS or t is None else t[:, a:b]) for n, t in x.items()}
+
+
+def rel(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def to64(x):
+    return {n: (None if t is None else t.detach().double().cpu()) for n, t in x.items()}
+
+
+@pytest.mark.parametrize("R,chunk,G,H,norm,per_head,optional,init", [
+    (1, 16, 1, 2, False, False, True, False),       # R = 1, default-like tile of 16 rows
+    (2, 8, 2, 4, True, True, True, True),           # groups, per-head angles, norm, initial state
+    (4, 4, 1, 2, True, False, False, True),         # R = 4, no D / z
+    (4, 8, 2, 2, False, False, True, True),         # G = H, tile of 32 rows
+])
+def test_forward_state_and_all_gradients_match_fp64_reference(R, chunk, G, H, norm, per_head, optional, init):
+    x = make_inputs(T=13, R=R, G=G, H=H, per_head_angles=per_head, norm=norm)
+    if not optional:
+        x["D"], x["z"] = None, None
+    st = make_state(2, R, H=H) if init else None
+    leaves = {n: t.clone().requires_grad_(True) for n, t in x.items() if t is not None}
+    st_leaves = None if st is None else Mamba3State(*(t.clone().to(DEV).requires_grad_(True) for t in st))
+    l64 = {n: t.requires_grad_(True) for n, t in to64(leaves).items()}
+    st64 = None if st is None else Mamba3State(*(t.clone().double().requires_grad_(True) for t in st))
+
+    y, fin = run(mamba3_mimo, leaves, initial_state=st_leaves, return_final_state=True, chunk_size=chunk,
+                 impl="triton")
+    y_ref, fin_ref = run(mamba3_mimo_reference, l64, initial_state=st64, return_final_state=True)
+    assert y.dtype == torch.float32 and y.shape == y_ref.shape
+    assert rel(y, y_ref) < 1e-4
+    for name, a, b in zip(Mamba3State._fields, fin, fin_ref):
+        assert a.shape == b.shape and rel(a, b) < 1e-4, f"final.{name}"
+
+    g = torch.Generator().manual_seed(5)
+    dy = torch.randn(y_ref.shape, generator=g, dtype=torch.float64)
+    dS = torch.randn(fin_ref.ssm.shape, generator=g, dtype=torch.float64)
+    ((y_ref * dy).sum() + (fin_ref.ssm * dS).sum()).backward()
+    ((y * dy.to(y)).sum() + (fin.ssm * dS.to(fin.ssm)).sum()).backward()
+    for n in leaves:
+        if l64[n].grad is None:                                             # mimo_z without z
+            assert leaves[n].grad is None and n == "mimo_z" and x["z"] is None, n
+            continue
+        assert rel(leaves[n].grad, l64[n].grad) < 1e-4, n
+    if init:
+        for name, a, b in zip(Mamba3State._fields, st_leaves, st64):
+            assert rel(a.grad, b.grad) < 1e-4, f"initial_state.{name}"
+
+
+@pytest.mark.parametrize("split", [5, 8])          # chunk 8: inside a chunk and on its boundary
+def test_prefix_plus_continuation_equals_whole(split):
+    x = make_inputs(T=13, R=2, norm=True, seed=3)
+    kw = dict(chunk_size=8, return_final_state=True, impl="triton")
+    y, s = run(mamba3_mimo, x, **kw)
+    y1, s1 = run(mamba3_mimo, slice_t(x, 0, split), **kw)
+    y2, s2 = run(mamba3_mimo, slice_t(x, split, 13), initial_state=s1, **kw)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y, atol=2e-5, rtol=1e-5)
+    for name, a, b in zip(Mamba3State._fields, s2, s):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5, msg=f"state.{name}")
+
+
+def test_varlen_equals_per_sequence_and_reference():
+    lens = [5, 0, 9]
+    cu = torch.tensor([0, 5, 5, 14], dtype=torch.int32, device=DEV)
+    x = make_inputs(B=1, T=sum(lens), R=4, seed=4)
+    st = Mamba3State(*(t.to(DEV) for t in make_state(len(lens), 4, seed=6)))
+    kw = dict(return_final_state=True, chunk_size=4, impl="triton")
+    y, s = run(mamba3_mimo, x, cu_seqlens=cu, initial_state=st, **kw)
+    y_ref, s_ref = run(mamba3_mimo_reference, to64(x), cu_seqlens=cu.cpu(), initial_state=Mamba3State(
+        *(t.double().cpu() for t in st)), return_final_state=True)
+    assert rel(y, y_ref) < 1e-4
+    for name, a, b in zip(Mamba3State._fields, s, s_ref):
+        assert rel(a, b) < 1e-4, f"final.{name}"
+    start = 0
+    for i, n in enumerate(lens):
+        one = Mamba3State(*(t[i : i + 1] for t in st))
+        yi, si = run(mamba3_mimo, slice_t(x, start, start + n), initial_state=one, **kw)
+        torch.testing.assert_close(y[:, start : start + n], yi, atol=2e-5, rtol=1e-5)
+        for name, a, b in zip(Mamba3State._fields, s, si):
+            torch.testing.assert_close(a[i : i + 1], b, atol=2e-5, rtol=1e-5, msg=f"seq {i} state.{name}")
+        start += n
+
+
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
+@pytest.mark.parametrize("G,H,budget_slabs,blocks", [(1, 4, 2, (1, 2)), (2, 4, 1, (1, 1)), (4, 4, 7, (2, 3)),
+                                                      (2, 4, 6, (2, 3))])
+def test_no_grad_blocks_equal_one_pass(monkeypatch, impl, G, H, budget_slabs, blocks):
+    """Without autograd the forms run over (heads, batch rows) blocks sized by NO_GRAD_BLOCK_BYTES;
+    every output and final-state field equals the one-pass result (packed sequences, state)."""
+    R, T, C, N, P = 2, 11, 8, 16, 8
+    x = make_inputs(B=1, T=T, R=R, G=G, H=H, per_head_angles=True, norm=True, seed=7)
+    cu = torch.tensor([0, 4, 4, 11], dtype=torch.int32, device=DEV)
+    st = Mamba3State(*(t.to(DEV) for t in make_state(3, R, H=H, seed=8)))
+    if impl == "chunked":
+        x, st = to64(x), Mamba3State(*(t.double() for t in st))
+    slab = 4 * (T - 4) * R * max(N, P, C * R)          # one padded row (Tmax = 7), one head
+    assert mimo_chunked._block_sizes(3, T - 4, H, G, R, N, P, C, budget_slabs * slab) == blocks
+    kw = dict(cu_seqlens=cu, initial_state=st, return_final_state=True, chunk_size=C, impl=impl)
+    with torch.no_grad():
+        y0, s0 = run(mamba3_mimo, x, **kw)
+        monkeypatch.setattr(mimo_chunked, "NO_GRAD_BLOCK_BYTES", budget_slabs * slab)
+        y, s = run(mamba3_mimo, x, **kw)
+    tol = dict(atol=1e-13, rtol=0) if impl == "chunked" else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y, y0, **tol)
+    for name, a, b in zip(Mamba3State._fields, s, s0):
+        torch.testing.assert_close(a, b, **tol, msg=f"state.{name}")
+
+
+class _PeakBytes(TorchDispatchMode):
+    """Peak bytes of the tensor storages that ops create while the mode is on (alive at once)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.seen, self.cur, self.peak = {}, set(), 0, 0
+
+    def _drop(self, key, tid):
+        self.seen.discard(tid)
+        ent = self.live[key]
+        ent[1] -= 1
+        if ent[1] == 0:
+            self.cur -= ent[0]
+            del self.live[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and id(t) not in self.seen:
+                st = t.untyped_storage()
+                key = (st.data_ptr(), st.nbytes())
+                self.seen.add(id(t))
+                ent = self.live.setdefault(key, [st.nbytes(), 0])
+                if ent[1] == 0:
+                    self.cur += ent[0]
+                    self.peak = max(self.peak, self.cur)
+                ent[1] += 1
+                weakref.finalize(t, self._drop, key, id(t))
+        return out
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="counts CPU tensor allocations through a dispatch mode")
+def test_no_grad_chunked_peak_memory_is_bounded_by_the_block(monkeypatch):
+    """The OOM of MIMO R=4 prefill: per-head [B, T, R, H, N] fp32 intermediates. With one head per
+    block the chunked no-grad forward peaks at ~9 one-head slabs (one pass over all 16 heads: ~117)."""
+    B, T, H, R, N, P, C = 2, 64, 16, 4, 32, 16, 16
+    x = make_inputs(B=B, T=T, R=R, H=H, N=N, P=P, norm=True, seed=9)
+    slab = B * T * R * max(N, P, C * R) * 4            # one head
+    monkeypatch.setattr(mimo_chunked, "NO_GRAD_BLOCK_BYTES", slab)
+    mode = _PeakBytes()
+    with torch.no_grad(), mode:
+        run(mamba3_mimo, x, chunk_size=C, impl="chunked", return_final_state=True)
+    assert mode.peak < 16 * slab, mode.peak / slab
+
+
+def test_auto_dispatch():
+    x = make_inputs(T=9, R=4)
+    assert triton_mimo_supported(4, 4, x.values()) and triton_mimo_supported(16, 4, x.values())
+    assert not triton_mimo_supported(2, 4, x.values())                      # 8 rows
+    assert not triton_mimo_supported(6, 4, x.values())                      # 24 rows
+    assert not triton_mimo_supported(4, 4, [x["v"].double()])
+    if not HAS_CUDA:  # CPU tensors: auto is the chunked path
+        y, s = run(mamba3_mimo, x, chunk_size=4, return_final_state=True)
+        y_c, s_c = run(mamba3_mimo, x, chunk_size=4, return_final_state=True, impl="chunked")
+        torch.testing.assert_close(y, y_c, atol=0, rtol=0)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="impl='auto' picks Triton only for CUDA tensors")
+def test_auto_picks_triton_on_cuda(monkeypatch):
+    from mamba3.ops.mamba3 import triton_mimo
+    calls = []
+    real = triton_mimo.mamba3_mimo_triton
+    monkeypatch.setattr(triton_mimo, "mamba3_mimo_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = make_inputs(T=9, R=4)
+    run(mamba3_mimo, x, chunk_size=4)
+    assert calls == [1]
+    run(mamba3_mimo, x, chunk_size=3)                                       # 12 rows: chunked
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("name", ["q", "v", "mimo_x", "w"])
+def test_float64_with_impl_triton_raises_type_error_naming_the_argument(name):
+    x = make_inputs(T=5, norm=True)
+    x[name] = x[name].double()
+    label = "outproj_norm_weight" if name == "w" else name
+    with pytest.raises(TypeError, match=rf"impl='triton' needs {label} in float32/bfloat16/float16, got torch.float64"):
+        run(mamba3_mimo, x, impl="triton")
+
+
+def test_impl_triton_errors():
+    x = make_inputs(T=5, R=2)
+    with pytest.raises(ValueError, match=r"impl='triton' needs chunk_size \* R .* power of two >= 16, "
+                                         r"got chunk_size=3, R=2"):
+        run(mamba3_mimo, x, impl="triton", chunk_size=3)
+    with pytest.raises(ValueError, match=r"chunk_size \* R .* got chunk_size=4, R=2"):    # 8 rows
+        run(mamba3_mimo, x, impl="triton", chunk_size=4)
+    bad = dict(x, mimo_o=torch.ones(2, 3, 8, device=DEV))                  # generic checks still first
+    with pytest.raises(ValueError, match=r"mimo_o must have shape \[H, R, P\].*dim 1: expected 2, got 3"):
+        run(mamba3_mimo, bad, impl="triton")
+    with pytest.raises(ValueError, match=r"impl must be one of \['auto', 'reference', 'chunked', 'triton'\]"):
+        run(mamba3_mimo, x, impl="tilelang")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs(dtype):
+    """bf16 / fp16 activations (parameters and dt/dA in fp32, as the layer passes them): output in the
+    input dtype, close to the float64 reference of the same (rounded) inputs; the state stays fp32."""
+    x = make_inputs(T=13, R=4, norm=True, seed=11)
+    for n in ("q", "k", "v", "z", "angles", "trap"):
+        x[n] = x[n].to(dtype)
+    st = Mamba3State(*(t.to(DEV) for t in make_state(2, 4, seed=12)))
+    st = st._replace(k=st.k.to(dtype), v=st.v.to(dtype))
+    y, s = run(mamba3_mimo, x, initial_state=st, return_final_state=True, chunk_size=4, impl="triton")
+    y_ref, s_ref = run(mamba3_mimo_reference, to64(x), return_final_state=True,
+                       initial_state=Mamba3State(*(t.double().cpu() for t in st)))
+    assert y.dtype == dtype and s.ssm.dtype == torch.float32 and s.k.dtype == dtype
+    assert rel(y, y_ref) < 1e-2 and rel(s.ssm, s_ref.ssm) < 1e-2
