@@ -147,8 +147,9 @@ def time_prefill(B, T, off, res, lean=False):
 
 
 def breakdown(xs, row):
-    """Where the forward's time goes: phase pre-pass, fused kernels (4 / 8 warps), and the bare
-    SSD core on already-prepared Q, K (no rotation) for comparison."""
+    """Where the forward's time goes: phase pre-pass (PyTorch), preparation kernel, the group
+    core at 4 / 8 warps and a few group targets (and with the backward's saves), and the
+    3-launch chunk-parallel SSD core on already-prepared Q, K for comparison."""
     import mamba3.ops.mamba3.triton_siso_fwd as fw
     B, T = xs["v"].shape[:2]
     with torch.no_grad():
@@ -157,14 +158,58 @@ def breakdown(xs, row):
                                       return_mode="median")
         args = (xs["q"], xs["k"], xs["v"], xs["dA"], xs["dt"], xs["trap"], xs["q_bias"], xs["k_bias"], xs["angles"],
                 xs["D"], xs["z"], th0, None, CHUNK)
+        row["part_prep"] = do_bench(lambda: fw.prep_qk(xs["q"], xs["k"], xs["dt"], xs["trap"], xs["q_bias"],
+                                                       xs["k_bias"], xs["angles"], xs["D"], th0, CHUNK,
+                                                       torch.bfloat16), return_mode="median")
+        QS, KS, skip = fw.prep_qk(xs["q"], xs["k"], xs["dt"], xs["trap"], xs["q_bias"], xs["k_bias"], xs["angles"],
+                                  xs["D"], th0, CHUNK, torch.bfloat16)
         for nw in (4, 8):
-            fw.FUSED_NUM_WARPS = nw
-            row[f"part_fused_kernels_w{nw}"] = do_bench(lambda: fw.mamba3_fused_fwd(*args), return_mode="median")
-        fw.FUSED_NUM_WARPS = None
+            fw.GROUP_NUM_WARPS = nw
+            for target in (132, 264, 528):
+                fw.GROUP_TARGET_PROGRAMS = target
+                row[f"part_core_w{nw}_t{target}"] = do_bench(
+                    lambda: fw.ssd_group_fwd(QS, KS, xs["v"], xs["dA"], skip, xs["z"], None, CHUNK,
+                                             out_dtype=torch.bfloat16), return_mode="median")
+            fw.GROUP_TARGET_PROGRAMS = 264
+            row[f"part_core_save_w{nw}"] = do_bench(
+                lambda: fw.ssd_group_fwd(QS, KS, xs["v"], xs["dA"], skip, xs["z"], None, CHUNK,
+                                         out_dtype=torch.bfloat16, save=True), return_mode="median")
+        fw.GROUP_NUM_WARPS = None
         Qp = torch.randn(B, T, H, N, device="cuda", dtype=torch.bfloat16)
         Kp = torch.randn(B, T, H, N, device="cuda", dtype=torch.bfloat16)
         row["part_core_only"] = do_bench(lambda: fw.ssd_core_fwd(Qp, Kp, xs["v"], xs["dA"], None, CHUNK),
                                          return_mode="median")
+
+
+def profile(B, T, res):
+    """CUDA kernel time per kernel (torch.profiler) for one forward and one forward+backward."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+    xs = inputs(B, T, seed=2)
+    leaves = {n: x.clone().requires_grad_(True) for n, x in xs.items()}
+    dy = torch.randn(B, T, H, P, device="cuda", dtype=torch.bfloat16)
+    out = {}
+    for name, fn in (("fwd", lambda: mamba3_siso_triton(*(xs[n] for n in NAMES), chunk_size=CHUNK)),
+                     ("fwdbwd", lambda: mamba3_siso_triton(*(leaves[n] for n in NAMES), chunk_size=CHUNK)[0]
+                      .backward(dy))):
+        for _ in range(2):
+            fn()
+        torch.cuda.synchronize()
+        with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+        table = {}
+        for e in prof.key_averages():
+            t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+            if t > 0:
+                table[e.key] = dict(ms_per_call=t / 3 / 1e3, count=e.count / 3)
+        top = dict(sorted(table.items(), key=lambda kv: -kv[1]["ms_per_call"])[:25])
+        out[name] = top
+        print(f"profile {B}x{T} {name}: total {sum(v['ms_per_call'] for v in table.values()):.3f} ms")
+        for k, v in top.items():
+            print(f"   {v['ms_per_call']:8.4f} ms x{v['count']:.0f}  {k[:90]}")
+    res.setdefault("profile", {})[f"{B}x{T}"] = out
 
 
 def decode_inputs(B, state_dtype, seed=0):
@@ -239,6 +284,7 @@ def main():
     ap.add_argument("--lean", action="store_true", help="no SDPA, no official gradients in the check, fewer variants")
     ap.add_argument("--shapes", default=None, help="prefill shapes, e.g. 8x2048,1x16384 (default: all three)")
     ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler kernel table per prefill shape")
     args = ap.parse_args()
     off = import_official(args.official)
     res = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
@@ -263,6 +309,8 @@ def main():
         ok = args.skip_check or bool(guarded(check_prefill, B, T, off if not args.lean else None, res))
         if ok:
             guarded(time_prefill, B, T, off, res, args.lean)
+            if args.profile:
+                guarded(profile, B, T, res)
         ok_all &= ok
         dump()
     res["all_checks_ok"] = ok_all

@@ -175,7 +175,9 @@ class Mamba3SisoFn(torch.autograd.Function):
         skip = lam * dt32 * qk if D is None else lam * dt32 * qk + D.float()   # D + gamma <q, k>
         dv = dV + skip.unsqueeze(-1) * dO
         # phase: theta_t = a0 + sum_{r<=t} dt_r pi tanh(angles_r)  ->  reverse cumsum
-        dinc = dth.flip(1).cumsum(1).flip(1)                                  # [B, T, H, S]
+        # (scanned with T innermost: torch's scan over an outer dim of [B, T, H, S] was ~40x slower)
+        csum = dth.permute(0, 2, 3, 1).contiguous().cumsum(-1)                # [B, H, S, T]
+        dinc = (csum[..., -1:] - csum).permute(0, 3, 1, 2) + dth              # [B, T, H, S]
         th = torch.tanh(angles.float())
         rate = torch.pi * th
         if angles.dim() == 3:

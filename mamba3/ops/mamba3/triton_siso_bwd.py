@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_siso_fwd import (_chunk_coeffs, _chunk_phase, _load_chunk, _load_ell, _rotated_pairs, dot_precision,
-                              nonempty, static_loop)
+from .triton_siso_fwd import (_chunk_coeffs, _chunk_phase, _interleave, _load_chunk, _load_ell, _rotated_pairs,
+                              _split_pairs, dot_precision, nonempty, static_loop)
 
 
 @triton.jit
@@ -204,14 +204,12 @@ def _prep_bwd_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, dQ, dK, DSKIP, DQH, DKH, 
     qe, qo, qre, qro = _rotated_pairs(Q, QB, b, g, h, t, T, N, sqb, sqt, sqg, cos, sin, BLOCK_N2)
     ke, ko, kre, kro = _rotated_pairs(K, KB, b, g, h, t, T, N, sqb, sqt, sqg, cos, sin, BLOCK_N2)
     i = tl.arange(0, BLOCK_N2)
-    ev = 2 * i
+    n = tl.arange(0, 2 * BLOCK_N2)
     row = ((b * T + t) * H + h) * N
-    me = tm[:, None] & (ev[None, :] < N)
-    mo = tm[:, None] & (ev[None, :] + 1 < N)
-    dqe = tl.load(dQ + row[:, None] + ev[None, :], mask=me, other=0.0)
-    dqo = tl.load(dQ + row[:, None] + ev[None, :] + 1, mask=mo, other=0.0)
-    dke = tl.load(dK + row[:, None] + ev[None, :], mask=me, other=0.0)
-    dko = tl.load(dK + row[:, None] + ev[None, :] + 1, mask=mo, other=0.0)
+    m = tm[:, None] & (n[None, :] < N)
+    # contiguous tiles split / interleaved in registers (stride-2 access is several times slower)
+    dqe, dqo = _split_pairs(tl.load(dQ + row[:, None] + n[None, :], mask=m, other=0.0), CHUNK, BLOCK_N2)
+    dke, dko = _split_pairs(tl.load(dK + row[:, None] + n[None, :], mask=m, other=0.0), CHUNK, BLOCK_N2)
     dcs = tl.sum(dke * kre + dko * kro, axis=1)
     dke = dke * cs[:, None]
     dko = dko * cs[:, None]
@@ -224,10 +222,8 @@ def _prep_bwd_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, dQ, dK, DSKIP, DQH, DKH, 
     dqo_u = dqo * cos - dqe * sin + gd * ko
     dke_u = dke * cos + dko * sin + gd * qe
     dko_u = dko * cos - dke * sin + gd * qo
-    tl.store(DQH + row[:, None] + ev[None, :], dqe_u, mask=me)
-    tl.store(DQH + row[:, None] + ev[None, :] + 1, dqo_u, mask=mo)
-    tl.store(DKH + row[:, None] + ev[None, :], dke_u, mask=me)
-    tl.store(DKH + row[:, None] + ev[None, :] + 1, dko_u, mask=mo)
+    tl.store(DQH + row[:, None] + n[None, :], _interleave(dqe_u, dqo_u, CHUNK, 2 * BLOCK_N2), mask=m)
+    tl.store(DKH + row[:, None] + n[None, :], _interleave(dke_u, dko_u, CHUNK, 2 * BLOCK_N2), mask=m)
     tl.store(DCS + (b * T + t) * H + h, dcs, mask=tm)
     tl.store(DGD + (b * T + t) * H + h, tl.sum(qe * ke + qo * ko, axis=1), mask=tm)
 

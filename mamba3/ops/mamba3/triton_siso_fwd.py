@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
 
 @triton.jit
 def _load_chunk(ptr, b, h, c, T, stride_b, stride_t, stride_h, CHUNK: tl.constexpr, BLOCK: tl.constexpr, DIM):
@@ -140,8 +142,6 @@ def _chunk_out_kernel(Q, K, V, dA, ST, Y, T, H, nc, N, P,
     tl.store(ptrs, y.to(Y.dtype.element_ty), mask=(t[:, None] < T) & (p[None, :] < P))
 
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-FUSED_NUM_WARPS = None  # override of the fused chunk kernels' warps (benchmarks try 4 and 8)
 
 
 def static_loop(n: int) -> int:
@@ -201,6 +201,24 @@ def ssd_core_fwd(Q, K, V, dA, S0, chunk_size: int, state_dtype=None):
 # TH0 [B, H, nc, S] come from a small PyTorch pass.
 # --------------------------------------------------------------------------------------------
 
+# The GPU uses the approximate sin/cos instructions on the phase reduced to [-pi, pi] (absolute
+# error ~1e-6 there): the precise libdevice versions keep a slow-path reduction whose registers
+# made the per-chunk preparation spill and run ~20x slower. The interpreter has no inline PTX.
+_FAST_TRIG = tl.constexpr(not INTERPRET)
+
+
+@triton.jit
+def _cos_sin(theta):
+    if _FAST_TRIG:
+        r = theta - 6.283185307179586 * tl.floor(theta * 0.15915494309189535 + 0.5)
+        c = tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=r,r", [r], dtype=tl.float32, is_pure=True, pack=1)
+        s = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=r,r", [r], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        c = tl.cos(theta)
+        s = tl.sin(theta)
+    return c, s
+
+
 @triton.jit
 def _tanh(x):
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
@@ -231,21 +249,25 @@ def _chunk_phase(ANG, TH0, dt, b, bh, c, T, nc, S, sab, sat, sah, h,
                   mask=(t[:, None] < T) & rot[None, :], other=0.0).to(tl.float32)
     th0 = tl.load(TH0 + (bh * nc + c) * S + i, mask=rot, other=0.0)
     theta = th0[None, :] + tl.cumsum(dt[:, None] * 3.141592653589793 * _tanh(raw), axis=0)
-    return tl.where(rot[None, :], tl.cos(theta), 1.0), tl.where(rot[None, :], tl.sin(theta), 0.0)
+    cos, sin = _cos_sin(theta)
+    return tl.where(rot[None, :], cos, 1.0), tl.where(rot[None, :], sin, 0.0)
+
+
+@triton.jit
+def _split_pairs(x, CHUNK: tl.constexpr, BLOCK_N2: tl.constexpr):
+    """[CHUNK, 2 BLOCK_N2] -> even and odd columns, each [CHUNK, BLOCK_N2] (no strided access)."""
+    return tl.split(tl.reshape(x, [CHUNK, BLOCK_N2, 2]))
 
 
 @triton.jit
 def _rotated_pairs(X, XB, b, g, h, t, T, N, sxb, sxt, sxg, cos, sin, BLOCK_N2: tl.constexpr):
-    """Biased even/odd halves (e, o) and their rotation (re, ro), each [CHUNK, BLOCK_N2] fp32."""
-    i = tl.arange(0, BLOCK_N2)
-    ev = 2 * i
-    m = (t[:, None] < T) & (ev[None, :] < N)
-    base = X + b * sxb + g * sxg + t[:, None] * sxt
-    mo = (t[:, None] < T) & (ev[None, :] + 1 < N)
-    e = tl.load(base + ev[None, :], mask=m, other=0.0).to(tl.float32) \
-        + tl.load(XB + h * N + ev, mask=ev < N, other=0.0)[None, :]
-    o = tl.load(base + ev[None, :] + 1, mask=mo, other=0.0).to(tl.float32) \
-        + tl.load(XB + h * N + ev + 1, mask=ev + 1 < N, other=0.0)[None, :]
+    """Biased even/odd halves (e, o) and their rotation (re, ro), each [CHUNK, BLOCK_N2] fp32.
+    The tile is loaded contiguously and split in registers (stride-2 access was ~3x slower)."""
+    n = tl.arange(0, 2 * BLOCK_N2)
+    x = tl.load(X + b * sxb + g * sxg + t[:, None] * sxt + n[None, :], mask=(t[:, None] < T) & (n[None, :] < N),
+                other=0.0).to(tl.float32)
+    x += tl.load(XB + h * N + n, mask=n < N, other=0.0)[None, :]
+    e, o = _split_pairs(x, t.shape[0], BLOCK_N2)
     return e, o, e * cos - o * sin, e * sin + o * cos
 
 
@@ -255,10 +277,58 @@ def _interleave(e, o, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _fused_state_kernel(K, KB, V, dA, DT, TRAP, ANG, TH0, ST, DEC, T, H, G, nc, N, P, S,
-                        skb, skt, skg, svb, svt, svh, sdb, sdt, sdh, sab, sat, sah,
-                        CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
-                        PREC: tl.constexpr):
+def _phase_sums_kernel(DT, ANG, SUMS, T, H, nc, S, sdb, sdt, sdh, sab, sat, sah,
+                       CHUNK: tl.constexpr, BLOCK_S: tl.constexpr):
+    """SUMS[b, h, c, s] = sum over chunk c of dt_t pi tanh(angles_t[s]) (fp32)."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    t = c * CHUNK + tl.arange(0, CHUNK)
+    i = tl.arange(0, BLOCK_S)
+    dt = tl.load(DT + b * sdb + t * sdt + h * sdh, mask=t < T, other=0.0).to(tl.float32)
+    raw = tl.load(ANG + b * sab + h * sah + t[:, None] * sat + i[None, :], mask=(t[:, None] < T) & (i[None, :] < S),
+                  other=0.0).to(tl.float32)
+    tl.store(SUMS + (bh * nc + c) * S + i, tl.sum(dt[:, None] * 3.141592653589793 * _tanh(raw), axis=0), mask=i < S)
+
+
+def chunk_start_phases(dt, angles, init_angle, chunk_size):
+    """Phase entering each chunk, [B, H, nc, S] fp32 in [0, 2pi), and the final phase [B, H, S].
+
+    dt [B, T, H]; angles [B, T, S] or [B, T, H, S]; init_angle [B, H, S] or None. Chunk sums in
+    fp32 (one Triton launch), the running sum across chunks in fp64 (reduced mod 2*pi)."""
+    B, T, H = dt.shape
+    S = angles.shape[-1]
+    nc = max(1, triton.cdiv(T, chunk_size))
+    sums = torch.zeros(B, H, nc, S, device=dt.device, dtype=torch.float32)
+    if S > 0 and T > 0:
+        sa = (angles.stride(0), angles.stride(1), 0 if angles.dim() == 3 else angles.stride(2))
+        _phase_sums_kernel[(nc, B * H)](dt, angles, sums, T, H, nc, S, *dt.stride(), *sa, CHUNK=chunk_size,
+                                        BLOCK_S=max(16, triton.next_power_of_2(S)), num_warps=4)
+    run = torch.cumsum(sums.double(), dim=2)
+    start = run - sums.double()
+    if init_angle is not None:
+        start = start + init_angle.double().unsqueeze(2)
+    two_pi = 2 * torch.pi
+    final = torch.remainder(run[:, :, -1] + (0 if init_angle is None else init_angle.double()), two_pi).float()
+    return torch.remainder(start, two_pi).float().contiguous(), final
+
+
+# --------------------------------------------------------------------------------------------
+# Forward in chunk groups. A parallel pre-pass (_prep_qk_kernel, grid (chunks, B*H)) builds the
+# prepared per-head QS = rot(q + q_bias), KS = c_t rot(k + k_bias) and the skip coefficient
+# D + gamma_t <q_t, k_t>; the SSD core then carries the state in registers through the chunks
+# of a group (as the official kernel does through the whole sequence), so per-chunk states never
+# touch memory in inference. When batch x heads is too small to fill the GPU the sequence is
+# split into groups whose entering states come from a cheap pre-pass (local group end states,
+# then a scan over groups). Keeping the rotation out of the core loop keeps its registers low.
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _prep_qk_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, Dp, QS, KS, SKIP, T, H, G, nc, N, S,
+                    sqb, sqt, sqg, sdb, sdt, sdh, sab, sat, sah,
+                    HAS_D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N2: tl.constexpr):
+    """QS, KS [B, T, H, N] (interleaved pairs, QS's dtype) and SKIP [B, T, H] fp32 of one chunk."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -266,139 +336,232 @@ def _fused_state_kernel(K, KB, V, dA, DT, TRAP, ANG, TH0, ST, DEC, T, H, G, nc, 
     g = h // (H // G)
     t = c * CHUNK + tl.arange(0, CHUNK)
     dt, gamma, cs = _chunk_coeffs(DT, TRAP, b, h, c, T, sdb, sdt, sdh, CHUNK)
-    cos, sin = _chunk_phase(ANG, TH0, dt, b, bh, c, T, nc, S, sab, sat, sah, h, CHUNK, BLOCK_N // 2)
-    ke, ko, kre, kro = _rotated_pairs(K, KB, b, g, h, t, T, N, skb, skt, skg, cos, sin, BLOCK_N // 2)
-    v = _load_chunk(V, b, h, c, T, svb, svt, svh, CHUNK, BLOCK_P, P)
-    ell = _load_ell(dA, b, h, c, T, sdb, sdt, sdh, CHUNK)
-    last = tl.sum(tl.where(tl.arange(0, CHUNK) == CHUNK - 1, ell, 0.0), axis=0)
-    # fold the decay to the chunk end into the k side: kc_s exp(ell_last - ell_s)
-    w = cs * tl.exp(last - ell)
-    kw = _interleave(kre * w[:, None], kro * w[:, None], CHUNK, BLOCK_N).to(v.dtype)
-    local = tl.dot(tl.trans(v), kw, input_precision=PREC)                # [P, N]
-    p = tl.arange(0, BLOCK_P)
-    n = tl.arange(0, BLOCK_N)
-    tl.store(ST + (bh * nc + c) * P * N + p[:, None] * N + n[None, :], local.to(ST.dtype.element_ty),
-             mask=(p[:, None] < P) & (n[None, :] < N))
-    tl.store(DEC + bh * nc + c, last)
+    cos, sin = _chunk_phase(ANG, TH0, dt, b, bh, c, T, nc, S, sab, sat, sah, h, CHUNK, BLOCK_N2)
+    qe, qo, qre, qro = _rotated_pairs(Q, QB, b, g, h, t, T, N, sqb, sqt, sqg, cos, sin, BLOCK_N2)
+    ke, ko, kre, kro = _rotated_pairs(K, KB, b, g, h, t, T, N, sqb, sqt, sqg, cos, sin, BLOCK_N2)
+    skip = gamma * tl.sum(qe * ke + qo * ko, axis=1)       # un-rotated <q, k>
+    if HAS_D:
+        skip += tl.load(Dp + h).to(tl.float32)
+    tl.store(SKIP + (b * T + t) * H + h, skip, mask=t < T)
+    dtype = QS.dtype.element_ty
+    n = tl.arange(0, 2 * BLOCK_N2)
+    off = ((b * T + t[:, None]) * H + h) * N + n[None, :]
+    m = (t[:, None] < T) & (n[None, :] < N)
+    # interleave in registers and store contiguously (stride-2 stores were ~3x slower)
+    tl.store(QS + off, _interleave(qre, qro, CHUNK, 2 * BLOCK_N2).to(dtype), mask=m)
+    tl.store(KS + off, _interleave(kre * cs[:, None], kro * cs[:, None], CHUNK, 2 * BLOCK_N2).to(dtype), mask=m)
 
 
 @triton.jit
-def _fused_out_kernel(Q, K, QB, KB, V, dA, DT, TRAP, ANG, TH0, Dp, Z, ST, Y, YPRE, QS, KS,
-                      T, H, G, nc, N, P, S,
-                      sqb, sqt, sqg, svb, svt, svh, sdb, sdt, sdh, sab, sat, sah,
-                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SAVE_PRE: tl.constexpr,
-                      CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
-                      PREC: tl.constexpr):
-    """Q, K share strides (same [B, T, G, N] layout); V, Z, Y, YPRE share V's strides. With
-    SAVE_PRE also stores the pre-gate output and the prepared per-head QS, KS [B, T, H, N]."""
-    c = tl.program_id(0)
+def _core_group_state_kernel(K, V, dA, SG, DECG, T, H, nc, N, P, CPG,
+                             skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
+                             CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+                             PREC: tl.constexpr, CPG_STATIC: tl.constexpr):
+    """Local end state of chunk group g (zero entering state) -> SG[b, h, g] fp32 [P, N]; the
+    group's total log decay -> DECG[b, h, g]. Chunks past the end load zeros: no change."""
+    grp = tl.program_id(0)
     bh = tl.program_id(1)
+    ng = tl.num_programs(0)
     b = bh // H
     h = bh % H
-    g = h // (H // G)
-    i = tl.arange(0, CHUNK)
-    t = c * CHUNK + i
-    dt, gamma, cs = _chunk_coeffs(DT, TRAP, b, h, c, T, sdb, sdt, sdh, CHUNK)
-    cos, sin = _chunk_phase(ANG, TH0, dt, b, bh, c, T, nc, S, sab, sat, sah, h, CHUNK, BLOCK_N // 2)
-    qe, qo, qre, qro = _rotated_pairs(Q, QB, b, g, h, t, T, N, sqb, sqt, sqg, cos, sin, BLOCK_N // 2)
-    ke, ko, kre, kro = _rotated_pairs(K, KB, b, g, h, t, T, N, sqb, sqt, sqg, cos, sin, BLOCK_N // 2)
-    diag = gamma * tl.sum(qe * ke + qo * ko, axis=1)                       # un-rotated <q, k>
-    v = _load_chunk(V, b, h, c, T, svb, svt, svh, CHUNK, BLOCK_P, P)
-    dtype = v.dtype
-    q = _interleave(qre, qro, CHUNK, BLOCK_N).to(dtype)
-    k = _interleave(kre * cs[:, None], kro * cs[:, None], CHUNK, BLOCK_N).to(dtype)
-    ell = _load_ell(dA, b, h, c, T, sdb, sdt, sdh, CHUNK)
-    strict = i[:, None] > i[None, :]
-    seg = tl.where(strict, ell[:, None] - ell[None, :], -float("inf"))
-    scores = tl.dot(q, tl.trans(k), input_precision=PREC) * tl.exp(seg)
-    y = tl.dot(scores.to(dtype), v, input_precision=PREC)
+    st = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    total = 0.0
+    if CPG_STATIC > 0:  # interpreter: loop bounds must be Python ints
+        for j in range(CPG_STATIC):
+            st, last = _core_state_step(K, V, dA, st, b, h, grp * CPG + j, T, N, P, skb, skt, skh, svb, svt, svh,
+                                        sdb, sdt, sdh, CHUNK, BLOCK_N, BLOCK_P, PREC)
+            total += last
+    else:
+        for j in range(0, CPG):
+            st, last = _core_state_step(K, V, dA, st, b, h, grp * CPG + j, T, N, P, skb, skt, skh, svb, svt, svh,
+                                        sdb, sdt, sdh, CHUNK, BLOCK_N, BLOCK_P, PREC)
+            total += last
     p = tl.arange(0, BLOCK_P)
     n = tl.arange(0, BLOCK_N)
-    s = tl.load(ST + (bh * nc + c) * P * N + p[:, None] * N + n[None, :],
-                mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)
-    y += tl.dot(q, tl.trans(s.to(dtype)), input_precision=PREC) * tl.exp(ell)[:, None]
-    skip = diag
-    if HAS_D:
-        skip += tl.load(Dp + h).to(tl.float32)
-    y += skip[:, None] * v.to(tl.float32)
+    tl.store(SG + (bh * ng + grp) * P * N + p[:, None] * N + n[None, :], st,
+             mask=(p[:, None] < P) & (n[None, :] < N))
+    tl.store(DECG + bh * ng + grp, total)
+
+
+@triton.jit
+def _core_state_step(K, V, dA, st, b, h, c, T, N, P, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
+                     CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr):
+    """S <- exp(ell_last) S + sum_s exp(ell_last - ell_s) V_s K_s^T over chunk c; returns (S, ell_last)."""
+    k = _load_chunk(K, b, h, c, T, skb, skt, skh, CHUNK, BLOCK_N, N)
+    v = _load_chunk(V, b, h, c, T, svb, svt, svh, CHUNK, BLOCK_P, P)
+    ell = _load_ell(dA, b, h, c, T, sdb, sdt, sdh, CHUNK)
+    last = tl.sum(tl.where(tl.arange(0, CHUNK) == CHUNK - 1, ell, 0.0), axis=0)
+    vw = (v.to(tl.float32) * tl.exp(last - ell)[:, None]).to(k.dtype)
+    st = st * tl.exp(last) + tl.dot(tl.trans(vw), k, input_precision=PREC)
+    return st, last
+
+
+@triton.jit
+def _core_out_step(Q, K, V, dA, SKIP, Z, ST, DEC, Y, YPRE, st, b, h, c, T, H, nc, N, P,
+                   sqb, sqt, sqh, svb, svt, svh, sdb, sdt, sdh,
+                   HAS_SKIP: tl.constexpr, HAS_Z: tl.constexpr, SAVE: tl.constexpr, CHUNK: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr):
+    """Outputs of chunk c from its entering state ``st`` [P, N] fp32; returns the leaving state."""
+    i = tl.arange(0, CHUNK)
+    p = tl.arange(0, BLOCK_P)
+    n = tl.arange(0, BLOCK_N)
+    t = c * CHUNK + i
+    q = _load_chunk(Q, b, h, c, T, sqb, sqt, sqh, CHUNK, BLOCK_N, N)
+    k = _load_chunk(K, b, h, c, T, sqb, sqt, sqh, CHUNK, BLOCK_N, N)
+    v = _load_chunk(V, b, h, c, T, svb, svt, svh, CHUNK, BLOCK_P, P)
+    ell = _load_ell(dA, b, h, c, T, sdb, sdt, sdh, CHUNK)
+    last = tl.sum(tl.where(i == CHUNK - 1, ell, 0.0), axis=0)
+    seg = tl.where(i[:, None] > i[None, :], ell[:, None] - ell[None, :], -float("inf"))
+    scores = tl.dot(q, tl.trans(k), input_precision=PREC) * tl.exp(seg)
+    y = tl.dot(q, tl.trans(st.to(q.dtype)), input_precision=PREC) * tl.exp(ell)[:, None]
+    y = tl.dot(scores.to(v.dtype), v, y, input_precision=PREC)
+    if HAS_SKIP:
+        skip = tl.load(SKIP + (b * T + t) * H + h, mask=t < T, other=0.0)
+        y += skip[:, None] * v.to(tl.float32)
     mask = (t[:, None] < T) & (p[None, :] < P)
     off = b * svb + t[:, None] * svt + h * svh + p[None, :]
-    if SAVE_PRE:
+    bh = b * H + h
+    if SAVE:
         tl.store(YPRE + off, y.to(YPRE.dtype.element_ty), mask=mask)
-        offn = ((b * T + t[:, None]) * H + h) * N + n[None, :]
-        maskn = (t[:, None] < T) & (n[None, :] < N)
-        tl.store(QS + offn, q, mask=maskn)
-        tl.store(KS + offn, k, mask=maskn)
+        ms = (p[:, None] < P) & (n[None, :] < N) & ((p[:, None] * 0 + c) < nc)
+        tl.store(ST + (bh * nc + c) * P * N + p[:, None] * N + n[None, :], st.to(ST.dtype.element_ty), mask=ms)
+        tl.store(DEC + bh * nc + c, last, mask=c < nc)
     if HAS_Z:
         z = tl.load(Z + off, mask=mask, other=0.0).to(tl.float32)
         y = y * z * tl.sigmoid(z)
     tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
+    vw = (v.to(tl.float32) * tl.exp(last - ell)[:, None]).to(k.dtype)
+    return st * tl.exp(last) + tl.dot(tl.trans(vw), k, input_precision=PREC)
 
 
-def chunk_start_phases(dt, angles, init_angle, chunk_size):
-    """Phase entering each chunk, [B, H, nc, S] fp32 in [0, 2pi), and the final phase [B, H, S].
+@triton.jit
+def _core_group_out_kernel(Q, K, V, dA, SKIP, Z, SIN, ST, DEC, SF, Y, YPRE, T, H, nc, N, P, CPG,
+                           sqb, sqt, sqh, svb, svt, svh, sdb, sdt, sdh,
+                           HAS_SIN: tl.constexpr, WRITE_FINAL: tl.constexpr, HAS_SKIP: tl.constexpr,
+                           HAS_Z: tl.constexpr, SAVE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_P: tl.constexpr, PREC: tl.constexpr, CPG_STATIC: tl.constexpr):
+    """Chunk group g of one (batch, head): SIN [B, H, ng, P, N] fp32 entering states. With SAVE
+    also stores the pre-gate output, every chunk's entering state ST [B, H, nc, P, N] and the
+    chunk decays DEC [B, H, nc] (for the backward). WRITE_FINAL (one group): final state -> SF."""
+    grp = tl.program_id(0)
+    bh = tl.program_id(1)
+    ng = tl.num_programs(0)
+    b = bh // H
+    h = bh % H
+    p = tl.arange(0, BLOCK_P)
+    n = tl.arange(0, BLOCK_N)
+    ms = (p[:, None] < P) & (n[None, :] < N)
+    so = p[:, None] * N + n[None, :]
+    if HAS_SIN:
+        st = tl.load(SIN + (bh * ng + grp) * P * N + so, mask=ms, other=0.0)
+    else:
+        st = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    if CPG_STATIC > 0:  # interpreter: loop bounds must be Python ints
+        for j in range(CPG_STATIC):
+            st = _core_out_step(Q, K, V, dA, SKIP, Z, ST, DEC, Y, YPRE, st, b, h, grp * CPG + j, T, H, nc, N, P,
+                                sqb, sqt, sqh, svb, svt, svh, sdb, sdt, sdh, HAS_SKIP, HAS_Z, SAVE, CHUNK,
+                                BLOCK_N, BLOCK_P, PREC)
+    else:
+        for j in range(0, CPG):
+            st = _core_out_step(Q, K, V, dA, SKIP, Z, ST, DEC, Y, YPRE, st, b, h, grp * CPG + j, T, H, nc, N, P,
+                                sqb, sqt, sqh, svb, svt, svh, sdb, sdt, sdh, HAS_SKIP, HAS_Z, SAVE, CHUNK,
+                                BLOCK_N, BLOCK_P, PREC)
+    if WRITE_FINAL:
+        tl.store(SF + bh * P * N + so, st, mask=ms)
 
-    dt [B, T, H]; angles [B, T, S] or [B, T, H, S]; init_angle [B, H, S] or None. Chunk sums in
-    fp32, the running sum across chunks in fp64 (reduced mod 2*pi)."""
-    B, T, H = dt.shape
-    S = angles.shape[-1]
+
+GROUP_TARGET_PROGRAMS = 264   # ~2 programs per H100 SM; the group pre-pass runs only below this
+PREP_NUM_WARPS = 4
+GROUP_NUM_WARPS = None        # override of the group kernels' warps (benchmarks try 4 and 8)
+
+
+def choose_groups(nc: int, BH: int, target: int = None) -> int:
+    """Number of chunk groups: one when batch x heads fills the GPU, else split so that groups x
+    batch x heads reaches ``target`` programs (at least one chunk per group)."""
+    target = GROUP_TARGET_PROGRAMS if target is None else target
+    ng = 1
+    while BH * ng < target and ng < nc:
+        ng *= 2
+    return triton.cdiv(nc, triton.cdiv(nc, ng))
+
+
+def ssd_group_fwd(Q, K, V, dA, skip, z, S0, chunk_size, *, out_dtype, save=False, groups=None):
+    """SSD core in chunk groups. Q, K [B, T, H, N] and V [B, T, H, P] share one dtype (contiguous);
+    dA [B, T, H] fp32; skip [B, T, H] fp32 or None (y += skip * V); z gate or None; S0 fp32 or None.
+
+    Returns (y [B, T, H, P] in out_dtype, y before the gate or None, entering chunk states, chunk
+    decays, final fp32 state); the pre-gate output, states and decays only when ``save``."""
+    B, T, H, N = Q.shape
+    P = V.shape[-1]
     C = chunk_size
     nc = max(1, triton.cdiv(T, C))
-    pad = nc * C - T
-    rate = torch.nn.functional.pad(torch.pi * torch.tanh(angles.float()), (0, 0) * (angles.dim() - 2) + (0, pad))
-    dtp = torch.nn.functional.pad(dt.float(), (0, 0, 0, pad)).view(B, nc, C, H)
-    if angles.dim() == 3:
-        sums = torch.einsum("bcth,bcts->bhcs", dtp, rate.view(B, nc, C, S))
+    dev = V.device
+    ng = groups or choose_groups(nc, B * H)
+    cpg = triton.cdiv(nc, ng)
+    ng = triton.cdiv(nc, cpg)
+    final = torch.empty(B, H, P, N, device=dev, dtype=torch.float32)
+    y = torch.empty(B, T, H, P, device=dev, dtype=out_dtype)
+    ypre = torch.empty_like(y) if save and z is not None else y
+    st_dtype = torch.float32 if Q.dtype == torch.float32 else Q.dtype
+    states = torch.empty(B, H, nc, P, N, device=dev, dtype=st_dtype) if save else final
+    dec = torch.empty(B, H, nc, device=dev, dtype=torch.float32) if save else final
+    BN, BP = max(16, triton.next_power_of_2(N)), max(16, triton.next_power_of_2(P))
+    prec = dot_precision(Q.dtype)
+    nw = GROUP_NUM_WARPS or (4 if C * max(BN, BP) <= 4096 else 8)
+    if ng > 1:
+        sg = torch.empty(B, H, ng, P, N, device=dev, dtype=torch.float32)
+        decg = torch.empty(B, H, ng, device=dev, dtype=torch.float32)
+        _core_group_state_kernel[(ng, B * H)](K, V, dA, sg, decg, T, H, nc, N, P, cpg,
+                                              *K.stride()[:3], *V.stride()[:3], *dA.stride(),
+                                              CHUNK=C, BLOCK_N=BN, BLOCK_P=BP, PREC=prec,
+                                              CPG_STATIC=static_loop(cpg), num_warps=nw)
+        PN = P * N
+        BLOCK = min(512, triton.next_power_of_2(PN))
+        _state_scan_kernel[(triton.cdiv(PN, BLOCK), B * H)](sg, decg, S0 if S0 is not None else final, final, ng, PN,
+                                                           HAS_S0=S0 is not None, BLOCK=BLOCK,
+                                                           NC_STATIC=static_loop(ng), num_warps=4)
+        sin, has_sin, write_final = sg, True, False
     else:
-        sums = (dtp.unsqueeze(-1) * rate.view(B, nc, C, H, S)).sum(2).permute(0, 2, 1, 3)
-    run = torch.cumsum(sums.double(), dim=2)
-    start = run - sums.double()
-    if init_angle is not None:
-        start = start + init_angle.double().unsqueeze(2)
-    two_pi = 2 * torch.pi
-    final = torch.remainder(start[:, :, -1] + sums[:, :, -1].double(), two_pi).float()
-    return torch.remainder(start, two_pi).float().contiguous(), final
+        sin, has_sin, write_final = (S0 if S0 is not None else final), S0 is not None, True
+    _core_group_out_kernel[(ng, B * H)](Q, K, V, dA, skip if skip is not None else final,
+                                        z if z is not None else y, sin, states, dec, final, y, ypre,
+                                        T, H, nc, N, P, cpg, *Q.stride()[:3], *V.stride()[:3], *dA.stride(),
+                                        HAS_SIN=has_sin, WRITE_FINAL=write_final, HAS_SKIP=skip is not None,
+                                        HAS_Z=z is not None, SAVE=save, CHUNK=C, BLOCK_N=BN, BLOCK_P=BP,
+                                        PREC=prec, CPG_STATIC=static_loop(cpg), num_warps=nw)
+    return y, (ypre if save else None), (states if save else None), (dec if save else None), final
+
+
+def prep_qk(q, k, dt, trap, q_bias, k_bias, angles, D, th0, chunk_size, dtype):
+    """Prepared QS, KS [B, T, H, N] in ``dtype`` and the skip coefficient [B, T, H] fp32."""
+    B, T, G, N = q.shape
+    H = dt.shape[2]
+    S = angles.shape[-1]
+    nc = th0.shape[2]
+    QS = torch.empty(B, T, H, N, device=q.device, dtype=dtype)
+    KS = torch.empty_like(QS)
+    skip = torch.empty(B, T, H, device=q.device, dtype=torch.float32)
+    sa = (angles.stride(0), angles.stride(1), 0 if angles.dim() == 3 else angles.stride(2))
+    qb, kb = q_bias.float().contiguous(), k_bias.float().contiguous()
+    angles_, th0_ = nonempty(angles, dt), nonempty(th0, dt)
+    BN2 = max(16, triton.next_power_of_2(N)) // 2
+    _prep_qk_kernel[(nc, B * H)](q, k, qb, kb, dt, trap, angles_, th0_, D if D is not None else skip, QS, KS, skip,
+                                 T, H, G, nc, N, S, *q.stride()[:3], *dt.stride(), *sa,
+                                 HAS_D=D is not None, CHUNK=chunk_size, BLOCK_N2=BN2, num_warps=PREP_NUM_WARPS)
+    return QS, KS, skip
 
 
 def mamba3_fused_fwd(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, th0, S0, chunk_size,
-                     save_pre=False, dot_dtype=None):
-    """Fused forward on raw inputs (contiguous; dA, dt, trap [B, T, H] with equal strides).
+                     save_pre=False, dot_dtype=None, groups=None):
+    """Mamba-3 SISO forward on raw inputs (contiguous; dA, dt, trap [B, T, H] with equal strides):
+    the preparation pre-pass, then the SSD core in chunk groups.
 
-    Returns (y [B, T, H, P] in v's dtype, saved or None, entering states, chunk decays, final
-    state fp32); saved = (y before the gate, prepared Q, K [B, T, H, N]) when ``save_pre``."""
-    B, T, H, P = v.shape
-    G, N = q.shape[2], q.shape[3]
-    S = angles.shape[-1]
-    C = chunk_size
-    nc = th0.shape[2]
+    Returns (y [B, T, H, P] in v's dtype, saved or None, entering chunk states, chunk decays, final
+    state fp32); saved = (y before the gate, prepared QS, KS [B, T, H, N]) and the states and
+    decays (for the backward) only when ``save_pre``."""
     dd = dot_dtype or v.dtype
     vk = v if v.dtype == dd else v.to(dd)
-    st_dtype = torch.float32 if dd == torch.float32 else dd
-    states = torch.empty(B, H, nc, P, N, device=v.device, dtype=st_dtype)
-    dec = torch.empty(B, H, nc, device=v.device, dtype=torch.float32)
-    final = torch.empty(B, H, P, N, device=v.device, dtype=torch.float32)
-    y = torch.empty(B, T, H, P, device=v.device, dtype=v.dtype)
-    ypre = torch.empty_like(y) if save_pre and z is not None else y  # no gate: pre-gate == y
-    qs = torch.empty(B, T, H, N, device=v.device, dtype=dd) if save_pre else y
-    ks = torch.empty(B, T, H, N, device=v.device, dtype=dd) if save_pre else y
-    BN, BP = max(32, triton.next_power_of_2(N)), max(16, triton.next_power_of_2(P))
-    prec = dot_precision(dd)
-    nw = FUSED_NUM_WARPS or (4 if C * max(BN, BP) <= 4096 else 8)
-    sa = (angles.stride(0), angles.stride(1), 0 if angles.dim() == 3 else angles.stride(2))
-    qb, kb = q_bias.float().contiguous(), k_bias.float().contiguous()
-    angles, th0 = nonempty(angles, dt), nonempty(th0, dt)
-    _fused_state_kernel[(nc, B * H)](k, kb, vk, dA, dt, trap, angles, th0, states, dec, T, H, G, nc, N, P, S,
-                                     *k.stride()[:3], *vk.stride()[:3], *dA.stride(), *sa,
-                                     CHUNK=C, BLOCK_N=BN, BLOCK_P=BP, PREC=prec, num_warps=nw)
-    PN = P * N
-    BLOCK = min(512, triton.next_power_of_2(PN))
-    s0 = S0 if S0 is not None else final
-    _state_scan_kernel[(triton.cdiv(PN, BLOCK), B * H)](states, dec, s0, final, nc, PN,
-                                                       HAS_S0=S0 is not None, BLOCK=BLOCK,
-                                                       NC_STATIC=static_loop(nc), num_warps=4)
-    _fused_out_kernel[(nc, B * H)](q, k, qb, kb, vk, dA, dt, trap, angles, th0,
-                                   D if D is not None else dec, z if z is not None else y, states, y, ypre, qs, ks,
-                                   T, H, G, nc, N, P, S, *q.stride()[:3], *vk.stride()[:3], *dA.stride(), *sa,
-                                   HAS_D=D is not None, HAS_Z=z is not None, SAVE_PRE=save_pre,
-                                   CHUNK=C, BLOCK_N=BN, BLOCK_P=BP, PREC=prec, num_warps=nw)
-    return y, ((ypre, qs, ks) if save_pre else None), states, dec, final
+    QS, KS, skip = prep_qk(q, k, dt, trap, q_bias, k_bias, angles, D, th0, chunk_size, dd)
+    y, ypre, states, dec, final = ssd_group_fwd(QS, KS, vk, dA, skip, z, S0, chunk_size, out_dtype=v.dtype,
+                                                save=save_pre, groups=groups)
+    return y, ((ypre, QS, KS) if save_pre else None), states, dec, final
