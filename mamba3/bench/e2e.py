@@ -5,7 +5,8 @@ Batch B, n prompt tokens then n generated tokens, wall clock. The fast path:
     continue from the cache (bounded activation memory at 16K x 128; the paper used two halves),
     computing logits only for the last position;
   * decode: the whole-model step captured once in a CUDA graph and replayed, greedy sampling on
-    the GPU, no host synchronisation per token.
+    the GPU, no host synchronisation per token; with ``compile`` (``--compile``) the step is
+    torch.compile'd first, so the graph replays Inductor's fused kernels.
 Long decodes may be measured over ``decode_steps`` < n and extrapolated linearly (per-step cost
 is flat in n for SSMs); the result says so.
 """
@@ -34,11 +35,40 @@ def prefill(model: LanguageModel, prompt: torch.Tensor, cache, chunk: int) -> to
     return model.logits_from_hidden(h[:, -1])
 
 
-class GraphDecoder:
-    """Greedy decode step (model.step + argmax) captured in a CUDA graph (eager on CPU)."""
+def greedy_step(model: LanguageModel, tok: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
+    """One whole-model decode step and the greedy pick: tok [B] -> (next tok [B], logits [B, V]);
+    the cache is updated in place."""
+    logits = model.step(tok, cache)
+    return logits.argmax(-1), logits
 
-    def __init__(self, model: LanguageModel, cache, first_token: torch.Tensor, use_cuda_graph: bool):
+
+_compiled: dict = {}
+
+
+def compiled_greedy_step(backend: str = "inductor"):
+    """``greedy_step`` under torch.compile (fullgraph, static shapes). With Inductor the
+    elementwise work between the GEMMs and the SSM step op (a registered custom op, opaque to
+    Inductor, its state updates done in place) is fused into a few kernels per layer. One wrapper
+    per backend for the process; dynamo specialises it per model and shapes."""
+    if backend not in _compiled:
+        _compiled[backend] = torch.compile(greedy_step, fullgraph=True, dynamic=False, backend=backend)
+    return _compiled[backend]
+
+
+class GraphDecoder:
+    """Greedy decode step (model.step + argmax) captured in a CUDA graph (eager on CPU).
+
+    compile: run the step through :func:`compiled_greedy_step` (True = Inductor, or a backend
+    name); it compiles on the first (warm-up) call and the compiled step is what the CUDA graph
+    captures. ``logits`` holds the last step's logits [B, V]."""
+
+    def __init__(self, model: LanguageModel, cache, first_token: torch.Tensor, use_cuda_graph: bool,
+                 compile=False):
         self.model, self.cache = model, cache
+        self.step_fn = greedy_step
+        if compile:
+            self.step_fn = compiled_greedy_step("inductor" if compile is True else compile)
+        self.logits = None
         self.tok = first_token.clone()
         self.graph = None
         if use_cuda_graph:
@@ -52,12 +82,13 @@ class GraphDecoder:
             cache.copy_(backup)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.next_tok = self.model.step(self.tok, cache).argmax(-1)
+                self.next_tok, self.logits = self.step_fn(self.model, self.tok, cache)
             cache.copy_(backup)
             del backup
 
     def _eager(self) -> torch.Tensor:
-        return self.model.step(self.tok, self.cache).argmax(-1)
+        nxt, self.logits = self.step_fn(self.model, self.tok, self.cache)
+        return nxt
 
     def __call__(self) -> torch.Tensor:
         if self.graph is None:
@@ -71,8 +102,10 @@ class GraphDecoder:
 
 @torch.no_grad()
 def fast_generate(model: LanguageModel, prompt: torch.Tensor, new_tokens: int, *, prefill_chunk: int = 2048,
-                  use_cuda_graph: Optional[bool] = None, state_dtype=None) -> dict:
-    """Greedy generation on the fast path; returns tokens [B, new_tokens] and phase timings."""
+                  use_cuda_graph: Optional[bool] = None, state_dtype=None, compile: bool = False) -> dict:
+    """Greedy generation on the fast path; returns tokens [B, new_tokens] and phase timings.
+    compile: torch.compile the decode step (see :class:`GraphDecoder`); capture_s then includes
+    the compilation on a model's first call."""
     device = prompt.device
     use_cuda_graph = device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
     B, n = prompt.shape
@@ -84,7 +117,7 @@ def fast_generate(model: LanguageModel, prompt: torch.Tensor, new_tokens: int, *
     t1 = time.perf_counter()
     out = torch.empty(B, new_tokens, dtype=torch.long, device=device)
     out[:, 0] = first
-    dec = GraphDecoder(model, cache, first, use_cuda_graph)
+    dec = GraphDecoder(model, cache, first, use_cuda_graph, compile=compile)
     _sync(device)
     t2 = time.perf_counter()
     for i in range(1, new_tokens):
@@ -97,7 +130,7 @@ def fast_generate(model: LanguageModel, prompt: torch.Tensor, new_tokens: int, *
 
 def run_config(preset: str, n: int, *, batch: int = 128, decode_steps: Optional[int] = None, reps: int = 3,
                device: str = "cuda", dtype=torch.bfloat16, state_dtype=None, prefill_chunk: int = 2048,
-               config: Optional[ModelConfig] = None) -> dict:
+               config: Optional[ModelConfig] = None, compile: bool = False) -> dict:
     """Mean of ``reps`` timed runs after one warm-up for one model and length."""
     cfg = config or ModelConfig.from_preset(preset)
     torch.manual_seed(0)
@@ -106,9 +139,9 @@ def run_config(preset: str, n: int, *, batch: int = 128, decode_steps: Optional[
     prompt = torch.randint(0, cfg.vocab_size, (batch, n), device=device)
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    fast_generate(model, prompt[:, : min(n, 256)], 4, prefill_chunk=prefill_chunk, state_dtype=state_dtype)  # warm-up
-    runs = [fast_generate(model, prompt, steps, prefill_chunk=prefill_chunk, state_dtype=state_dtype)
-            for _ in range(reps)]
+    kw = dict(prefill_chunk=prefill_chunk, state_dtype=state_dtype, compile=compile)
+    fast_generate(model, prompt[:, : min(n, 256)], 4, **kw)  # warm-up (and compilation)
+    runs = [fast_generate(model, prompt, steps, **kw) for _ in range(reps)]
     mean = lambda k: sum(r[k] for r in runs) / len(runs)
     ms = mean("decode_ms_per_step")
     row = dict(preset=preset, n=n, batch=batch, params=sum(p.numel() for p in model.parameters()),
@@ -116,10 +149,12 @@ def run_config(preset: str, n: int, *, batch: int = 128, decode_steps: Optional[
                decode_ms_per_step=ms, decode_steps_measured=steps,
                prefill_plus_decode_s=mean("prefill_s") + ms * 1e-3 * n,
                extrapolated=steps < n, cache_bytes=runs[0]["cache_bytes"],
-               state_dtype=str(state_dtype or torch.float32))
+               state_dtype=str(state_dtype or torch.float32), compile=compile)
     if torch.device(device).type == "cuda":
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     del model
+    if compile:  # drop this model's compiled step (dynamo caps the compiled variants of one function)
+        torch._dynamo.reset()
     return row
 
 
@@ -149,10 +184,15 @@ def main(args) -> int:
             try:
                 row = run_config(preset, n, batch=args.batch, decode_steps=args.decode_steps, reps=args.reps,
                                  device=args.device, dtype=dtype, state_dtype=state_dtype,
-                                 prefill_chunk=args.prefill_chunk)
+                                 prefill_chunk=args.prefill_chunk, compile=args.compile)
             except torch.cuda.OutOfMemoryError as e:
                 row = dict(preset=preset, n=n, batch=args.batch, error=f"out of memory: {str(e)[:120]}")
                 torch.cuda.empty_cache()
+            except Exception as e:  # --compile: a mixer whose step does not trace fails its rows only
+                if not args.compile:
+                    raise
+                row = dict(preset=preset, n=n, batch=args.batch, compile=True,
+                           error=f"compile: {type(e).__name__}: {str(e)[:300]}")
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.out:
@@ -174,5 +214,8 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--state-dtype", default=None, help="float32 (default) or bfloat16 SSM state")
     p.add_argument("--prefill-chunk", type=int, default=2048)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the whole-model decode step (Inductor fuses the elementwise ops) "
+                        "before the CUDA-graph capture")
     p.add_argument("--out", default=None)
     p.add_argument("--png", default=None)

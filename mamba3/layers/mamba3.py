@@ -23,7 +23,7 @@ from ..ops.mamba3.common import rotate_halves, rotate_interleaved
 from ..ops.utils import check_same_device, check_tensor, seq_lengths
 from .sizes import check_positive_ints, split_heads
 from .cache import LayerCache, check_cache, check_input_tensor, checked_allocate
-from .norm import RMSNormGated, rms_norm
+from .norm import RMSNormGated, rms_norm, rms_normalize, scale_cast
 
 ROPE_MODES = ("data", "fixed", "none")
 A_ACTIVATIONS = ("softplus", "heavy_tail")
@@ -284,17 +284,55 @@ class Mamba3(nn.Module):
         check_cache(cache, Mamba3Cache, u3.shape[0])
         if self.is_mimo:
             out = self._step_mimo(u3, cache)
+        elif self.d_conv == 0 and self.rope != "fixed":
+            return self._step_siso(u3[:, 0], cache).view_as(u)
         else:
-            p = self._project(u3, cache, None, step=True)
-            y = mamba3_siso_step(
-                p["C"][:, 0, 0], p["B"][:, 0, 0], p["x"][:, 0], p["dA"][:, 0], p["dt"][:, 0], p["trap"][:, 0],
-                p["q_bias"][:, 0], p["k_bias"][:, 0], p["angles"][:, 0], self.D,
-                None if self.is_outproj_norm else p["z"][:, 0], self._op_state(cache),
-                impl="reference" if self.impl in ("reference", "chunked") else "auto")
-            if self.rope == "fixed":
-                cache.angle.copy_(torch.remainder(cache.angle + self.rope_freqs, 2 * math.pi))
-            out = self._output(y.unsqueeze(1), p["z"], u3)
+            out = self._step_siso_project(u3, cache)
         return out[:, 0] if squeeze else out
+
+    def _step_siso_project(self, u3: Tensor, cache: Mamba3Cache) -> Tensor:
+        """SISO decode through ``_project`` (any options): u3 [B, 1, d_model] -> [B, 1, d_model]."""
+        p = self._project(u3, cache, None, step=True)
+        y = mamba3_siso_step(
+            p["C"][:, 0, 0], p["B"][:, 0, 0], p["x"][:, 0], p["dA"][:, 0], p["dt"][:, 0], p["trap"][:, 0],
+            p["q_bias"][:, 0], p["k_bias"][:, 0], p["angles"][:, 0], self.D,
+            None if self.is_outproj_norm else p["z"][:, 0], self._op_state(cache),
+            impl="reference" if self.impl in ("reference", "chunked") else "auto")
+        if self.rope == "fixed":
+            cache.angle.copy_(torch.remainder(cache.angle + self.rope_freqs, 2 * math.pi))
+        return self._output(y.unsqueeze(1), p["z"], u3)
+
+    def _step_siso(self, u: Tensor, cache: Mamba3Cache) -> Tensor:
+        """SISO decode without the short conv or fixed RoPE: u [B, d_model] -> [B, d_model].
+
+        The values of ``_step_siso_project`` in fewer kernels (decode pays per launch):
+        B and C normalised in one op, casts folded into promoting ops, only views of in_proj's
+        output where the op accepts strided inputs."""
+        Bsz = u.shape[0]
+        H, P, N, G, S, di = self.nheads, self.headdim, self.d_state, self.ngroups, self.num_rope_angles, self.d_inner
+        zx = self.in_proj(u)                                                        # [B, W]
+        o = 2 * di + 2 * G * N
+        # contiguous: the copies the Triton op would make anyway, here where torch.compile fuses them
+        z, x = zx[:, :di].view(Bsz, H, P).contiguous(), zx[:, di : 2 * di].view(Bsz, H, P).contiguous()
+        bc = rms_normalize(zx[:, 2 * di : o].view(Bsz, 2, G, N), 1e-5)            # [B, 2, G, N] B then C
+        k = scale_cast(bc[:, 0], self.B_norm.weight, zx.dtype)
+        q = scale_cast(bc[:, 1], self.C_norm.weight, zx.dtype)
+        dd_dt, dd_A, trap = (zx[:, o + i * H : o + (i + 1) * H] for i in range(3))
+        dt = F.softplus(_wide_add(dd_dt, self.dt_bias))                             # [B, H]
+        act = F.softplus if self.a_activation == "softplus" else heavy_tail
+        dA = torch.clamp(act(_f32(dd_A)), min=self.A_floor).mul_(dt).neg_()        # A * dt, A = -max(f, floor)
+        if not self.use_trapezoid:  # Euler: lambda = sigmoid(inf) = 1
+            trap = torch.full(trap.shape, math.inf, device=u.device,
+                              dtype=torch.float64 if trap.dtype == torch.float64 else torch.float32)
+        ang = zx[:, o + 3 * H : o + 3 * H + (S if self.rope == "data" else 0)]
+        if self.use_bc_bias:
+            q_bias, k_bias = self.C_bias[:, 0], self.B_bias[:, 0]                    # [H, N]
+        else:
+            q_bias = k_bias = torch.zeros(H, N, device=u.device, dtype=torch.float32)
+        y = mamba3_siso_step(q, k, x, dA, dt, _f32(trap).contiguous(), q_bias, k_bias, _f32(ang).contiguous(),
+                             self.D, None if self.is_outproj_norm else z, self._op_state(cache),
+                             impl="reference" if self.impl in ("reference", "chunked") else "auto")
+        return self._output(y.unsqueeze(1), z.unsqueeze(1), u.unsqueeze(1))[:, 0]
 
     def _check_input(self, u, ndim):
         check_tensor("u", u, [("B", None), ("T", None), ("d_model", self.d_model)])
@@ -350,6 +388,13 @@ class Mamba3(nn.Module):
 def _f32(t: Tensor) -> Tensor:
     """Upcast to float32, keeping float64 (the reference precision) as it is."""
     return t if t.dtype == torch.float64 else t.float()
+
+
+def _wide_add(a: Tensor, b: Tensor) -> Tensor:
+    """``_f32(a) + _f32(b)`` as one promoting add when that already computes in fp32/fp64."""
+    if torch.promote_types(a.dtype, b.dtype) in (torch.float32, torch.float64):
+        return a + b
+    return _f32(a) + _f32(b)
 
 
 def _add_bias_heads(X: Tensor, bias: Tensor) -> Tensor:

@@ -18,6 +18,29 @@ def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
     return out.to(x.dtype)
 
 
+
+# Decode-path forms: the same values in fewer kernels (a decode step is one tiny kernel per op).
+def rms_normalize(x: Tensor, eps: float) -> Tensor:
+    """x / rms(x) over the last dim, no weight, in >= fp32 (fp16/bf16 upcast): ``F.rms_norm``,
+    one fused kernel on CUDA; on CPU the same op sequence as :func:`rms_norm`."""
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    return F.rms_norm(xf, (xf.shape[-1],), None, eps)
+
+
+def scale_cast(x: Tensor, weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(x * weight.to(x.dtype)).to(dtype)``; one kernel in eager (the product is written
+    straight into a ``dtype`` tensor), the plain form under torch.compile (Inductor fuses it)."""
+    if x.dtype == dtype or torch.compiler.is_compiling() or torch.promote_types(x.dtype, weight.dtype) != x.dtype:
+        return (x * weight.to(x.dtype)).to(dtype)
+    return torch.mul(x, weight, out=torch.empty(x.shape, dtype=dtype, device=x.device))
+
+
+def rms_norm_cast(x: Tensor, weight: Optional[Tensor], eps: float, dtype: torch.dtype) -> Tensor:
+    """``rms_norm(x, weight, eps)`` computed in >= fp32 and rounded once to ``dtype`` (equal to
+    ``rms_norm(x, weight, eps).to(dtype)`` when x is fp32/fp64 or ``dtype`` is x's dtype)."""
+    n = rms_normalize(x, eps)
+    return n.to(dtype) if weight is None else scale_cast(n, weight, dtype)
+
 class RMSNorm(nn.Module):
     """y = x / rms(x) * weight over the last dim (``weight`` of size d)."""
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..layers.mlp import GatedMLP
-from ..layers.norm import RMSNorm
+from ..layers.norm import RMSNorm, rms_norm_cast
 from .cache import InferenceCache
 from .config import ModelConfig, resolve_mixer
 
@@ -69,11 +69,22 @@ class Block(nn.Module):
         return h
 
     def step(self, h: Tensor, cache) -> Tensor:
-        """h: [B, D] one decode token."""
-        h = h + self.mixer.step(self._branch_in(self.norm, h), cache).to(h.dtype)
+        """h: [B, D] one decode token (the values of ``forward``; casts folded into the norm's
+        scale and the residual add, which a decode step pays per kernel)."""
+        h = _residual_add(h, self.mixer.step(_norm_in(self.norm, h), cache))
         if self.mlp is not None:
-            h = h + self.mlp(self._branch_in(self.norm2, h)).to(h.dtype)
+            h = _residual_add(h, self.mlp(_norm_in(self.norm2, h)))
         return h
+
+
+def _norm_in(norm: RMSNorm, h: Tensor) -> Tensor:
+    """``norm(h).to(norm.weight.dtype)`` (Block._branch_in) in two kernels."""
+    return rms_norm_cast(h, norm.weight, norm.eps, norm.weight.dtype)
+
+
+def _residual_add(h: Tensor, y: Tensor) -> Tensor:
+    """``h + y.to(h.dtype)``, one promoting add when that is the same (e.g. fp32 + bf16)."""
+    return h + y if torch.promote_types(h.dtype, y.dtype) == h.dtype else h + y.to(h.dtype)
 
 
 class Backbone(nn.Module):
@@ -218,7 +229,8 @@ class LanguageModel(nn.Module):
         for i, block in enumerate(self.backbone.layers):
             h = block.step(h, cache.layers[i])
         cache.advance(1)
-        return self.logits_from_hidden(h)
+        x = _norm_in(self.backbone.norm_f, h).to(self.lm_head.weight.dtype)   # logits_from_hidden, fewer kernels
+        return self.lm_head(x)[..., : self.config.vocab_size]
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, *, dtype=None,
                                  state_dtype=None, device=None) -> InferenceCache:
