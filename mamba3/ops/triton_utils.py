@@ -39,7 +39,7 @@ SMEM_BY_ARCH = {86: 99 * 1024, 89: 99 * 1024, 80: 163 * 1024, 90: 227 * 1024}
 # Pointer arguments that carry the activation dtype (bf16 / fp32); all other pointers are fp32.
 _DATA_PTRS = {"Q", "K", "V", "dY", "Z", "Y", "YPRE", "QS", "KS", "ST_K", "ST_V"}
 _STATE_PTRS = {"ST", "GS"}
-_INT_PARAMS = {"T", "H", "N", "P", "G", "S", "PN"}  # sizes; every other capitalised name is a pointer  # chunk states: activation dtype under bf16 (st_dtype), fp32 otherwise
+_INT_PARAMS = {"T", "H", "N", "P", "G", "S", "PN", "CPG"}  # sizes; every other capitalised name is a pointer  # chunk states: activation dtype under bf16 (st_dtype), fp32 otherwise
 
 
 def _next_pow2(x: int) -> int:
@@ -51,27 +51,38 @@ def launch_params(kernel: str, chunk: int, d_state: int, headdim: int) -> tuple[
     MIMO path runs the same SSD-core kernels with CHUNK = chunk_size * R rows)."""
     C, N, P = chunk, d_state, headdim
     BP = max(16, _next_pow2(P))
-    if kernel in ("fused_state", "fused_out"):
-        BN = max(32, _next_pow2(N))
+    if kernel == "prep_qk":
+        return dict(CHUNK=C, BLOCK_N2=max(16, _next_pow2(N)) // 2, HAS_D=True), 4
     elif kernel == "step":
         BN, BP = _next_pow2(max(N, 2)), _next_pow2(P)
         return dict(BLOCK_N=BN, BLOCK_P=BP, HAS_D=True, HAS_Z=True), (4 if BN * BP <= 8192 else 8)
     elif kernel == "prep_bwd":
         return dict(CHUNK=C, BLOCK_N2=max(32, _next_pow2(N)) // 2), 8
-    else:
-        BN = max(16, _next_pow2(N))
-    nw = 4 if C * max(BN, BP) <= 4096 else 8
+    BN = max(16, _next_pow2(N))
     const = dict(CHUNK=C, BLOCK_N=BN, BLOCK_P=BP)
-    if kernel == "fused_out":
-        const.update(HAS_D=True, HAS_Z=True, SAVE_PRE=True)
-    return const, nw
+    if kernel in ("group_state", "group_out"):   # triton_siso_fwd.GROUP_NUM_WARPS / GROUP_NUM_STAGES
+        const["CPG_STATIC"] = 0
+        if kernel == "group_out":
+            const.update(HAS_SIN=True, WRITE_FINAL=True, HAS_SKIP=True, HAS_Z=True, SAVE=True)
+        return const, 4
+    return const, (4 if C * max(BN, BP) <= 4096 else 8)
 
+
+GROUP_STAGES = 2          # software-pipelining depth of the group kernels on Hopper-class parts, bf16/fp16
+HOPPER_SMEM = 200 * 1024  # parts with at least this much shared memory per block take the deeper pipeline
+
+
+def group_stages(dtype: torch.dtype, smem_limit: int) -> int:
+    """Pipelining depth the launcher gives the group kernels: 2 for 16-bit operands on a part with
+    Hopper-class shared memory (H100 / H200, 227 KB), else 1 (fp32 at 2 stages needs 131 KB)."""
+    return GROUP_STAGES if dtype != torch.float32 and smem_limit >= HOPPER_SMEM else 1
 
 KERNELS = {  # name -> (module, attribute)
     "chunk_state": ("triton_siso_fwd", "_chunk_state_kernel"),
     "chunk_out": ("triton_siso_fwd", "_chunk_out_kernel"),
-    "fused_state": ("triton_siso_fwd", "_fused_state_kernel"),
-    "fused_out": ("triton_siso_fwd", "_fused_out_kernel"),
+    "prep_qk": ("triton_siso_fwd", "_prep_qk_kernel"),
+    "group_state": ("triton_siso_fwd", "_core_group_state_kernel"),
+    "group_out": ("triton_siso_fwd", "_core_group_out_kernel"),
     "chunk_dstate": ("triton_siso_bwd", "_chunk_dstate_kernel"),
     "chunk_bwd": ("triton_siso_bwd", "_chunk_bwd_kernel"),
     "prep_bwd": ("triton_siso_bwd", "_prep_bwd_kernel"),
@@ -79,30 +90,32 @@ KERNELS = {  # name -> (module, attribute)
 }
 
 
-def analytic_smem(kernel: str, chunk: int, d_state: int, headdim: int, dtype: torch.dtype) -> int:
+def analytic_smem(kernel: str, chunk: int, d_state: int, headdim: int, dtype: torch.dtype, stages: int = 1) -> int:
     """Upper bound (bytes) from the dot operands one program stages in shared memory.
 
     fp32 inputs multiply as fp32 (4-byte operands); bf16 / fp16 as 2-byte. The step and the
     prep kernel have no dots: their shared memory is layout-conversion / reduction scratch
     (one fp32 [CHUNK, BLOCK_N2] tile, or a few [BLOCK_P] vectors)."""
     const, _ = launch_params(kernel, chunk, d_state, headdim)
-    if kernel == "prep_bwd":
-        return const["CHUNK"] * const["BLOCK_N2"] * 4
+    if kernel in ("prep_bwd", "prep_qk"):
+        return const["CHUNK"] * const["BLOCK_N2"] * 4 * (2 if kernel == "prep_qk" else 1)
     if kernel == "step":
         return 8 * max(const["BLOCK_N"], const["BLOCK_P"]) * 4
     C, BN, BP = const["CHUNK"], const["BLOCK_N"], const["BLOCK_P"]
     b = 4 if dtype == torch.float32 else 2
     tiles = {
         "chunk_state": C * BP + C * BN,                       # (v w)^T, k
-        "fused_state": C * BP + C * BN,
+        "group_state": C * BP + C * BN,
         "chunk_dstate": C * BP + C * BN,                      # (dy w)^T, q
         "chunk_out": 2 * C * BN + C * C + C * BP + BN * BP,   # q, k, scores, v, state
-        "fused_out": 2 * C * BN + C * C + C * BP + BN * BP,
+        "group_out": 2 * C * BN + C * C + C * BP + BN * BP,
         "chunk_bwd": 3 * C * BN + 2 * C * BP + 2 * C * C + 2 * BN * BP,  # q k kw, dy v, a dsc, g s
     }[kernel]
     # at small chunks the layout conversion of the fp32 [BLOCK_P, BLOCK_N] result dominates; the
     # bf16 backward also converts a [P, N] operand (measured: fp32 chunk_bwd is exact without it)
     extra = BP * BN * 2 if kernel == "chunk_bwd" and b == 2 else 0
+    if kernel in ("group_state", "group_out"):   # pipelined loads: one more buffer of the loop's tiles
+        extra += (stages - 1) * ((2 if kernel == "group_out" else 1) * C * BN + C * BP) * b
     return max(tiles * b + extra, BP * BN * 4)
 
 
@@ -170,7 +183,10 @@ def _compile(kernel: str, chunk: int, d_state: int, headdim: int, dtype: torch.d
     if "PREC" in params:
         const = {**const, "PREC": "ieee" if dtype == torch.float32 else "tf32"}
     src = ASTSource(fn=fn, signature=_signature(fn, const, dtype), constexprs=const)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": nw})
+    opts = {"num_warps": nw}
+    if kernel in ("group_state", "group_out"):
+        opts["num_stages"] = group_stages(dtype, SMEM_BY_ARCH.get(arch, SMEM_99KB))
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
     return int(compiled.metadata.shared)
 
 
@@ -211,11 +227,11 @@ def check_launch_fits(chunk: int, d_state: int, headdim: int, dtype: torch.dtype
         if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
             major, minor = torch.cuda.get_device_capability(device)
             arch = 10 * major + minor
-    names = ["chunk_state", "chunk_out", "fused_state", "fused_out"]
+    names = ["chunk_state", "chunk_out", "prep_qk", "group_state", "group_out"]
     if backward:
         names += ["chunk_dstate", "chunk_bwd"]
     for k in names:
-        need = analytic_smem(k, chunk, d_state, headdim, dtype)
+        need = analytic_smem(k, chunk, d_state, headdim, dtype, group_stages(dtype, lim))
         if need > lim and need <= 2 * SMEM_BY_ARCH[90]:
             try:
                 need = compiled_smem(k, chunk, d_state, headdim, dtype, arch)
@@ -242,7 +258,7 @@ def sweep(kernels=None, grid=GRID, arch: int = 86, skip_above: int = 2 * SMEM_BY
                     for P in grid["headdim"]:
                         if kernel == "step" and C != grid["chunk"][0]:
                             continue  # the step kernel has no chunk
-                        est = analytic_smem(kernel, C, N, P, dtype)
+                        est = analytic_smem(kernel, C, N, P, dtype, group_stages(dtype, SMEM_BY_ARCH.get(arch, SMEM_99KB)))
                         try:  # the dot kernels' bound is exact when nothing is reused: skip hopeless compiles
                             exact = (f"> {skip_above} (analytic, not compiled)" if est > skip_above
                                      else compiled_smem(kernel, C, N, P, dtype, arch))

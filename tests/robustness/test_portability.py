@@ -14,10 +14,10 @@ BF16, F32 = torch.bfloat16, torch.float32
 DEFAULT = dict(chunk=64, d_state=128, headdim=64)  # Mamba3 layer defaults (chunk_size, d_state, headdim)
 
 
-FAST_KERNELS = ["chunk_state", "chunk_out", "fused_state", "fused_out", "chunk_dstate", "chunk_bwd", "prep_bwd",
-                "step"]
+FAST_KERNELS = ["chunk_state", "chunk_out", "prep_qk", "group_state", "group_out", "chunk_dstate", "chunk_bwd",
+                "prep_bwd", "step"]
 QUERIES = ([(k, 64, 128, 64, BF16, 86) for k in FAST_KERNELS]
-           + [(k, 64, 128, 64, F32, 86) for k in ("chunk_state", "chunk_out", "fused_out", "chunk_dstate")]
+           + [(k, 64, 128, 64, F32, 86) for k in ("chunk_state", "chunk_out", "group_out", "chunk_dstate")]
            + [("chunk_bwd", 32, 64, 64, BF16, 86)])
 _RESULTS = {}
 
@@ -46,7 +46,7 @@ def test_default_bf16_configs_fit_99kb(kernel):
     assert tu.analytic_smem(kernel, DEFAULT["chunk"], DEFAULT["d_state"], DEFAULT["headdim"], BF16) >= smem
 
 
-@pytest.mark.parametrize("kernel", ["chunk_state", "chunk_out", "fused_out", "chunk_dstate"])
+@pytest.mark.parametrize("kernel", ["chunk_state", "chunk_out", "group_out", "chunk_dstate"])
 def test_default_fp32_forward_fits_99kb(kernel):
     smem = _compiled(kernel, F32, **DEFAULT)
     assert smem <= tu.SMEM_99KB

@@ -27,16 +27,17 @@ def triton_available(device: torch.device) -> bool:
     return True
 
 
-SISO_TRITON_KERNELS_FWD = ("chunk_state", "chunk_out", "fused_state", "fused_out")
+SISO_TRITON_KERNELS_FWD = ("prep_qk", "group_state", "group_out")
 SISO_TRITON_KERNELS_BWD = ("chunk_dstate", "chunk_bwd")
 
 
 def triton_fits(chunk: int, d_state: int, headdim: int, dtype: torch.dtype, backward: bool, smem_limit: int) -> bool:
     """Whether every SISO Triton kernel of this configuration fits ``smem_limit`` bytes of shared
     memory per block, by the (conservative) analytic bound of ``mamba3.ops.triton_utils``."""
-    from ..triton_utils import analytic_smem
+    from ..triton_utils import analytic_smem, group_stages
     names = SISO_TRITON_KERNELS_FWD + (SISO_TRITON_KERNELS_BWD if backward else ())
-    return all(analytic_smem(n, chunk, d_state, headdim, dtype) <= smem_limit for n in names)
+    stages = group_stages(dtype, smem_limit)
+    return all(analytic_smem(n, chunk, d_state, headdim, dtype, stages) <= smem_limit for n in names)
 
 
 def _auto_triton_fits(q: Tensor, v: Tensor, chunk_size: int) -> bool:
