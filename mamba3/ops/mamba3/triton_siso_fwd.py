@@ -293,26 +293,63 @@ def _phase_sums_kernel(DT, ANG, SUMS, T, H, nc, S, sdb, sdt, sdh, sab, sat, sah,
     tl.store(SUMS + (bh * nc + c) * S + i, tl.sum(dt[:, None] * 3.141592653589793 * _tanh(raw), axis=0), mask=i < S)
 
 
+@triton.jit
+def _phase_scan_block(SUMS, TH0, carry, bh, c0, nc, S, i, NCB: tl.constexpr):
+    """Chunks c0 .. c0 + NCB - 1: store their entering phases (mod 2 pi), return the carry (fp64)."""
+    r = c0 + tl.arange(0, NCB)
+    m = (r[:, None] < nc) & (i[None, :] < S)
+    off = (bh * nc + r[:, None]) * S + i[None, :]
+    x = tl.load(SUMS + off, mask=m, other=0.0).to(tl.float64)
+    start = carry[None, :] + tl.cumsum(x, axis=0) - x
+    two_pi = 6.283185307179586
+    tl.store(TH0 + off, (start - two_pi * tl.floor(start / two_pi)).to(tl.float32), mask=m)
+    carry = carry + tl.sum(x, axis=0)
+    return carry - two_pi * tl.floor(carry / two_pi)
+
+
+@triton.jit
+def _phase_scan_kernel(SUMS, INIT, TH0, FIN, nc, S, HAS_INIT: tl.constexpr, NCB: tl.constexpr,
+                       BLOCK_S: tl.constexpr, NB_STATIC: tl.constexpr):
+    """Exclusive running sum over chunks of SUMS [B*H, nc, S] plus INIT, in fp64, reduced mod 2 pi:
+    TH0 [B*H, nc, S] (entering phases) and FIN [B*H, S] (final phase), both fp32."""
+    bh = tl.program_id(0)
+    i = tl.arange(0, BLOCK_S)
+    if HAS_INIT:
+        carry = tl.load(INIT + bh * S + i, mask=i < S, other=0.0).to(tl.float64)
+    else:
+        carry = tl.zeros([BLOCK_S], dtype=tl.float64)
+    if NB_STATIC > 0:  # interpreter: loop bounds must be Python ints
+        for j in range(NB_STATIC):
+            carry = _phase_scan_block(SUMS, TH0, carry, bh, j * NCB, nc, S, i, NCB)
+    else:
+        for c0 in range(0, nc, NCB):
+            carry = _phase_scan_block(SUMS, TH0, carry, bh, c0, nc, S, i, NCB)
+    tl.store(FIN + bh * S + i, carry.to(tl.float32), mask=i < S)
+
+
 def chunk_start_phases(dt, angles, init_angle, chunk_size):
     """Phase entering each chunk, [B, H, nc, S] fp32 in [0, 2pi), and the final phase [B, H, S].
 
     dt [B, T, H]; angles [B, T, S] or [B, T, H, S]; init_angle [B, H, S] or None. Chunk sums in
-    fp32 (one Triton launch), the running sum across chunks in fp64 (reduced mod 2*pi)."""
+    fp32, the running sum across chunks in fp64 reduced mod 2*pi (two Triton launches)."""
     B, T, H = dt.shape
     S = angles.shape[-1]
     nc = max(1, triton.cdiv(T, chunk_size))
+    th0 = torch.zeros(B, H, nc, S, device=dt.device, dtype=torch.float32)
+    final = torch.zeros(B, H, S, device=dt.device, dtype=torch.float32)
+    if S == 0:
+        return th0, final
     sums = torch.zeros(B, H, nc, S, device=dt.device, dtype=torch.float32)
-    if S > 0 and T > 0:
+    BS = max(16, triton.next_power_of_2(S))
+    if T > 0:
         sa = (angles.stride(0), angles.stride(1), 0 if angles.dim() == 3 else angles.stride(2))
         _phase_sums_kernel[(nc, B * H)](dt, angles, sums, T, H, nc, S, *dt.stride(), *sa, CHUNK=chunk_size,
-                                        BLOCK_S=max(16, triton.next_power_of_2(S)), num_warps=4)
-    run = torch.cumsum(sums.double(), dim=2)
-    start = run - sums.double()
-    if init_angle is not None:
-        start = start + init_angle.double().unsqueeze(2)
-    two_pi = 2 * torch.pi
-    final = torch.remainder(run[:, :, -1] + (0 if init_angle is None else init_angle.double()), two_pi).float()
-    return torch.remainder(start, two_pi).float().contiguous(), final
+                                        BLOCK_S=BS, num_warps=4)
+    init = init_angle.float().contiguous() if init_angle is not None else final
+    NCB = 16
+    _phase_scan_kernel[(B * H,)](sums, init, th0, final, nc, S, HAS_INIT=init_angle is not None, NCB=NCB, BLOCK_S=BS,
+                                 NB_STATIC=static_loop(triton.cdiv(nc, NCB)), num_warps=4)
+    return th0, final
 
 
 # --------------------------------------------------------------------------------------------
