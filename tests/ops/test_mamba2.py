@@ -59,6 +59,45 @@ def test_gradcheck_chunked():
     assert torch.autograd.gradcheck(f, inputs)
 
 
+@pytest.mark.parametrize("sub,diag_range", [(2, None), (4, None), (2, 0.3)],
+                         ids=["tiles-of-2", "tiles-of-4", "exact-fallback-tiles"])
+@pytest.mark.parametrize("G,T", [(1, 16), (2, 13)])
+def test_chunked_tiles_match_reference(monkeypatch, sub, diag_range, G, T):
+    """Chunks evaluated in tiles (SUBCHUNK < chunk): rows below the diagonal through the shared C.B
+    block, diagonal tiles in rank-1 form, and (diag_range small) the exact per-head redo of the
+    tiles whose decay range is too wide for that form; forward, final state and gradients."""
+    import mamba3.ops.mamba2.chunked as ch
+    monkeypatch.setattr(ch, "SUBCHUNK", sub)
+    if diag_range is not None:
+        monkeypatch.setitem(ch.DIAG_RANGE, F64, diag_range)
+    x, dt, A, B, C, D, z = make(T=T, G=G, gate=True, D2=G == 2)
+    s0 = torch.randn(2, 4, 3, 5, dtype=F64)
+    yr, sr = ssd(x, dt, A, B, C, D, z, initial_state=s0, return_final_state=True, impl="reference")
+    yc, sc = ssd(x, dt, A, B, C, D, z, initial_state=s0, return_final_state=True, chunk_size=8)
+    torch.testing.assert_close(yc, yr, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(sc, sr, rtol=1e-10, atol=1e-10)
+    inputs = [t[:1, :10].clone().requires_grad_() for t in (x, dt, B, C)] + [s0[:1].clone().requires_grad_()]
+    rest = [A.clone().requires_grad_(), D.clone().requires_grad_()]
+
+    def f(x, dt, B, C, s0, A, D):
+        return ssd(x, dt, A, B, C, D, initial_state=s0, return_final_state=True, chunk_size=8)
+
+    assert torch.autograd.gradcheck(f, inputs + rest)
+
+
+def test_chunked_extreme_decay_stays_finite():
+    """float32 with decays far beyond exp's range inside one tile (dt * A ~ -400 per token)."""
+    x, dt, A, B, C, D, z = make(T=70, H=2, P=4, G=1, N=8, dtype=torch.float32)
+    dt = dt.clone()
+    dt[:, 20:40, 0] = 200.0
+    y, s = ssd(x, dt, A, B, C, D, return_final_state=True, chunk_size=64)
+    yr, sr = ssd(x.double(), dt.double(), A.double(), B.double(), C.double(), D.double(), return_final_state=True,
+                 impl="reference")
+    assert torch.isfinite(y).all() and torch.isfinite(s).all()
+    torch.testing.assert_close(y.double(), yr, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(s.double(), sr, rtol=1e-3, atol=1e-3)
+
+
 def test_step_loop_matches_forward():
     x, dt, A, B, C, D, z = make(gate=True)
     y, s = ssd(x, dt, A, B, C, D, z, return_final_state=True, chunk_size=4)
@@ -291,3 +330,41 @@ def test_triton_rejects_cpu_tensors_without_interpreter(monkeypatch):
     x, dt, A, B, C, D, _ = (t.float() for t in make(gate=True))
     with pytest.raises(ValueError, match=r"impl='triton' needs CUDA tensors, got cpu"):
         ssd(x, dt, A, B, C, D, chunk_size=16, impl="triton")
+
+
+# ---- the depthwise causal conv in front of the SSD (mamba3.ops.conv, time-major shifted taps) ----
+def conv_reference(x, w, b, silu, init):
+    """F.conv1d on the channel-major, state-prefixed input."""
+    Bs, T, Cc = x.shape
+    W = w.shape[1]
+    pre = x.new_zeros(Bs, Cc, W - 1) if init is None else init
+    full = torch.cat([pre, x.transpose(1, 2)], 2)
+    y = torch.nn.functional.conv1d(full, w.unsqueeze(1), b, groups=Cc)
+    y = torch.nn.functional.silu(y) if silu else y
+    return y.transpose(1, 2), full[:, :, full.shape[2] - (W - 1):]
+
+
+@pytest.mark.parametrize("T", [1, 2, 7])
+@pytest.mark.parametrize("W,bias,init,silu", [(4, True, True, True), (4, False, False, False), (1, True, True, True),
+                                              (3, True, False, True)])
+def test_causal_conv_matches_conv1d_and_gradcheck(T, W, bias, init, silu):
+    from mamba3.ops.conv import causal_conv1d
+    g = torch.Generator().manual_seed(T * 10 + W)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=F64).requires_grad_()
+    x = r(2, 20, 3)[:, 3 : 3 + T]                               # strided, like the in_proj split
+    w, b = r(3, W), (r(3) if bias else None)
+    s0 = r(2, 3, W - 1) if init else None
+    y, s = causal_conv1d(x, w, b, activation="silu" if silu else None, initial_state=s0, return_final_state=True)
+    yr, sr = conv_reference(x, w, b, silu, s0)
+    torch.testing.assert_close(y, yr, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s, sr, rtol=1e-12, atol=1e-12)
+    leaves = [t for t in (x, w, b, s0) if t is not None]
+
+    def f(*a):
+        it = iter(a)
+        xx, ww = next(it), next(it)
+        bb = next(it) if bias else None
+        ss = next(it) if init else None
+        return causal_conv1d(xx, ww, bb, activation="silu" if silu else None, initial_state=ss, return_final_state=True)
+
+    assert torch.autograd.gradcheck(f, leaves)

@@ -47,20 +47,88 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, a
         full = torch.cat([init, xp.transpose(1, 2)], dim=2)          # [S, C, W-1+Tmax]
         final = torch.stack([full[i, :, n : n + W - 1] for i, n in enumerate(lengths)])
         return y, final
-    nseq = B
     if initial_state is not None:
-        check_tensor("initial_state", initial_state, [("B", nseq), ("C", C), ("W-1", W - 1)])
-        prefix = initial_state.to(x.dtype)
-    else:
-        prefix = x.new_zeros(B, C, W - 1)
-    if T == 0:  # empty sequence: conv1d rejects inputs shorter than the kernel
-        return x.new_zeros(B, 0, C), prefix.clone() if return_final_state else None
-    full = torch.cat([prefix, x.transpose(1, 2)], dim=2)             # [B, C, W-1+T]
-    y = F.conv1d(full, weight.unsqueeze(1).to(x.dtype), None if bias is None else bias.to(x.dtype), groups=C)
-    if activation == "silu":
-        y = F.silu(y)
-    final = full[:, :, full.shape[2] - (W - 1):].clone() if return_final_state else None
-    return y.transpose(1, 2).contiguous(), final   # time-major and contiguous for what follows
+        check_tensor("initial_state", initial_state, [("B", B), ("C", C), ("W-1", W - 1)])
+    if T == 0:  # empty sequence: nothing consumed, the state passes through
+        prefix = x.new_zeros(B, C, W - 1) if initial_state is None else initial_state.to(x.dtype).clone()
+        return x.new_zeros(B, 0, C), prefix if return_final_state else None
+    wd = weight.to(x.dtype)
+    bd = None if bias is None else bias.to(x.dtype)
+    prefix = None if initial_state is None else initial_state.to(x.dtype)
+    y = _CausalConv.apply(x, wd, bd, prefix, activation == "silu")
+    final = None
+    if return_final_state:  # the last W - 1 inputs, oldest first
+        if T >= W - 1:
+            final = x[:, T - (W - 1):].transpose(1, 2).contiguous()
+        else:
+            full = torch.cat([x.new_zeros(B, C, W - 1) if prefix is None else prefix, x.transpose(1, 2)], dim=2)
+            final = full[:, :, T:].contiguous()
+    return y, final
+
+
+def _shifted_taps(x: Tensor, prefix: Optional[Tensor], W: int):
+    """For each tap j = 1..W-1 (input j steps back): (x slice ending j before the end, and the
+    prefix rows [W-1-j, W-1) that the first min(j, T) outputs read). prefix: [B, W-1, C] or None."""
+    T = x.shape[1]
+    for j in range(1, W):
+        head = None
+        if prefix is not None:
+            head = prefix[:, W - 1 - j : W - 1 - j + min(j, T)]
+        yield j, x[:, : max(T - j, 0)], head
+
+
+class _CausalConv(torch.autograd.Function):
+    """Depthwise causal conv (+ SiLU) on time-major [B, T, C] tensors by W shifted multiply-adds:
+    no layout copies (the conv kernels want channel-major input), one output buffer."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, prefix, silu):
+        W = w.shape[1]
+        pre = None if prefix is None else prefix.transpose(1, 2)            # [B, W-1, C]
+        a = torch.mul(x, w[:, W - 1]) if b is None else torch.addcmul(b, x, w[:, W - 1])
+        for j, xs, head in _shifted_taps(x, pre, W):
+            if xs.shape[1]:
+                a[:, j:].addcmul_(xs, w[:, W - 1 - j])
+            if head is not None:
+                a[:, : head.shape[1]].addcmul_(head, w[:, W - 1 - j])
+        train = any(ctx.needs_input_grad)
+        if train:
+            ctx.save_for_backward(x, w, pre, a)
+            ctx.has = (b is not None, silu)
+        if not silu:
+            return a
+        return F.silu(a) if train else F.silu(a, inplace=True)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, pre, a = ctx.saved_tensors
+        has_b, silu = ctx.has
+        W = w.shape[1]
+        da = torch.ops.aten.silu_backward(dy, a) if silu else dy
+        dx = dw = db = dpre = None
+        if ctx.needs_input_grad[0]:
+            dx = da * w[:, W - 1]
+            for j in range(1, min(W, x.shape[1] + 1)):
+                dx[:, :-j].addcmul_(da[:, j:], w[:, W - 1 - j])
+        if ctx.needs_input_grad[1]:
+            dw = torch.empty_like(w)
+            buf = torch.mul(x, da)
+            dw[:, W - 1] = buf.sum((0, 1))
+            for j, xs, head in _shifted_taps(x, pre, W):
+                n = xs.shape[1]
+                acc = torch.mul(xs, da[:, j:], out=buf[:, :n]).sum((0, 1)) if n else torch.zeros_like(w[:, 0])
+                if head is not None:
+                    acc = acc + (head * da[:, : head.shape[1]]).sum((0, 1))
+                dw[:, W - 1 - j] = acc
+        if has_b and ctx.needs_input_grad[2]:
+            db = da.sum((0, 1))
+        if pre is not None and ctx.needs_input_grad[3]:
+            dpre = torch.zeros_like(pre)                                      # [B, W-1, C]
+            for j in range(1, W):
+                n = min(j, x.shape[1])
+                dpre[:, W - 1 - j : W - 1 - j + n].addcmul_(da[:, :n], w[:, W - 1 - j])
+            dpre = dpre.transpose(1, 2)
+        return dx, dw, db, dpre, None
 
 
 def causal_conv1d_step(x: Tensor, weight: Tensor, bias: Optional[Tensor], state: Tensor, *,

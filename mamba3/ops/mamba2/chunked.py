@@ -1,13 +1,34 @@
-"""Mamba-2 SSD, chunked PyTorch form (training path, differentiable by autograd).
+"""Mamba-2 SSD, chunked PyTorch form (training path; hand-written backward).
 
-Inside a chunk of C tokens the recurrence is a masked quadratic ("attention-like") form,
-    y_t = sum_{s<=t} (C_t . B_s) exp(l_t - l_s) dt_s x_s,     l = inclusive cumsum of dt*A,
-where exp(l_t - l_s) is the 1-semiseparable decay mask built from segment sums. Across chunks a
-short scan passes the state: S_c = exp(l_last) S_{c-1} + sum_s exp(l_last - l_s) dt_s x_s B_s^T,
-and every token reads the entering state through C_t exp(l_t).
+Per head, inside a chunk of L tokens with l = inclusive cumsum of dt*A and xd = dt*x:
+    y_t = sum_{s<=t} (C_t . B_s) exp(l_t - l_s) xd_s  +  exp(l_t) S_in C_t,
+    S_out = exp(l_last) S_in + sum_s exp(l_last - l_s) xd_s B_s^T,
+a masked quadratic ("attention-like") form inside the chunk and a short scan over chunks.
+
+The quadratic form is evaluated in Q-token tiles (Q = SUBCHUNK, when it divides the chunk), and
+every tile is one matmul of the group's C.B block (shared by the group's heads) with xd of all
+those heads side by side, because the decay between two tokens factors through any token m
+between them: exp(l_t - l_s) = exp(l_t - l_m) exp(l_m - l_s), a per-head row factor times a
+per-head column factor.
+- tiles below the diagonal: for t in tile i and s < iQ, m = iQ - 1 (both factors <= 1);
+- diagonal tiles: m = the tile's middle token, the causal mask on C.B; the factors are bounded
+  by exp(+-DIAG_RANGE) when the tile's log decay on either side of m is within DIAG_RANGE, and
+  the rare (tile, head) pairs beyond that are redone with their exact per-head Q x Q mask;
+- tiles above the diagonal are zero and skipped.
+This is the same chunk-L computation (state passing every L tokens), only without materialising
+a per-head L x L mask. Negative exponents are clamped at -EXP_FLOOR: exp's underflow path is
+~15x slower on CPU, and the clamped values are far below the dtype's resolution.
+
+Backward (by hand, recomputing the cheap per-token factors; saves x, dt, B, C, y and the chunk
+states): d xd, dC, dB mirror the forward tiles; the log-decay gradient needs no per-pair term,
+    d l_t = sum_p dy_t y_t - sum_p xd_t d xd_t  (+ <dS_out, S_out> at the chunk's last token),
+because every pair (t, s) contributes +/- the same amount to l_t and l_s.
 
 Time is padded to a multiple of the chunk with dt = 0 (no decay, no input), which is exact; the
 same trick makes packed sequences (cu_seqlens) exact when unpacked into a right-padded batch.
+Layout: "group-major" [B * nc * G, L, H/G, P] so that every shared-B/C contraction is one batched
+matmul over (batch, chunk, group) with the group's heads side by side (a view of [B, T, H, P]
+when G = 1).
 """
 from __future__ import annotations
 
@@ -18,10 +39,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..utils import compute_dtype, pack_to_padded, padded_to_pack
-from .reference import skip_term
 
-# Smallest log decay kept inside the intra-chunk mask (exp(-80) ~ 2e-35, exp(-700) ~ 1e-304).
+# Smallest log decay fed to exp (exp(-80) ~ 2e-35 is still a normal float32; exp(-700) ~ 1e-304).
 EXP_FLOOR = {torch.float32: 80.0, torch.float64: 700.0}
+SUBCHUNK = 32  # tile of the intra-chunk quadratic form
+# Largest |log| of the diagonal tiles' rank-1 factors (e^60 ~ 1e26 leaves float32 headroom for the sums).
+DIAG_RANGE = {torch.float32: 60.0, torch.float64: 600.0}
 
 
 def ssd_chunked(x, dt, A, B, C, D=None, z=None, *, initial_state: Optional[Tensor] = None,
@@ -37,58 +60,288 @@ def ssd_chunked(x, dt, A, B, C, D=None, z=None, *, initial_state: Optional[Tenso
 
 def _chunked(x, dt, A, B, C, D, z, initial_state, return_final_state, chunk_size):
     Bsz, T, H, P = x.shape
-    G, N = B.shape[-2:]
-    hpg = H // G
+    N = B.shape[-1]
     out_dtype = x.dtype
     cd = compute_dtype(x, dt, B, C)
-    x, dt, B, C = (t.to(cd) for t in (x, dt, B, C))
-    a = dt * A.to(cd)                                                      # [B, T, H] log decay
-    xdt = x * dt.unsqueeze(-1)
-
-    L = min(chunk_size, max(T, 1))
-    nc = max(1, -(-T // L))
-    padT = nc * L - T
-    padt = lambda t: F.pad(t, (0, 0) * (t.dim() - 2) + (0, padT)) if padT else t
-    # Layout: heads before time inside a chunk so that every contraction is a batched matmul.
-    xh = padt(xdt).view(Bsz, nc, L, G, hpg, P).permute(0, 1, 3, 4, 2, 5)   # [B, nc, G, hpg, L, P]
-    Bg = padt(B).view(Bsz, nc, L, G, N).transpose(2, 3)                     # [B, nc, G, L, N]
-    Cg = padt(C).view(Bsz, nc, L, G, N).transpose(2, 3)
-    ell = torch.cumsum(padt(a).view(Bsz, nc, L, G, hpg).permute(0, 1, 3, 4, 2), dim=-1)  # [B, nc, G, hpg, L]
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C, initial_state)
-                                           if t is not None)
-
-    # Intra-chunk: lower-triangular (diagonal included) decay mask times the group's C_t . B_s.
-    # The exponent is clamped to [-floor, 0]: the upper triangle (positive) is zeroed by tril after
-    # the exp, and decays below exp(-floor) (far under the dtype's resolution) are not worth the
-    # slow underflow path of exp.
-    seg = ell.unsqueeze(-1) - ell.unsqueeze(-2)                             # [B, nc, G, hpg, t, s]
-    floor = EXP_FLOOR[cd]
-    CB = (Cg @ Bg.transpose(-1, -2)).unsqueeze(3)                           # [B, nc, G, 1, t, s]
-    if grad:
-        scores = torch.exp(seg.clamp(-floor, 0.0)).tril() * CB
-    else:  # same, in place
-        scores = seg.clamp_(-floor, 0.0).exp_().tril_().mul_(CB)
-    y = scores @ xh                                                         # [B, nc, G, hpg, L, P]
-
-    # Chunk-local end states, then the scan over chunks.                    [B, nc, G, hpg, P, N]
-    last = ell[..., -1]                                                     # [B, nc, G, hpg]
-    w = torch.exp(last.unsqueeze(-1) - ell).unsqueeze(-1)                   # decay to the chunk end
-    local = (xh * w).transpose(-1, -2) @ Bg.unsqueeze(3)
-    chunk_decay = torch.exp(last)[..., None, None]
-    S = x.new_zeros(Bsz, G, hpg, P, N) if initial_state is None else initial_state.to(cd).view(Bsz, G, hpg, P, N)
-    entering = []
-    for i in range(nc):
-        entering.append(S)
-        S = chunk_decay[:, i] * S + local[:, i]
-    S_enter = torch.stack(entering, dim=1)
-    inter = (Cg.unsqueeze(3) @ S_enter.transpose(-1, -2)) * torch.exp(ell).unsqueeze(-1)
-    y = y + inter if grad else y.add_(inter)
-    S = S.reshape(Bsz, H, P, N)
-    y = y.permute(0, 1, 4, 2, 3, 5)                                         # [B, nc, L, G, hpg, P]
-    y = y.reshape(Bsz, nc * L, H, P)[:, :T] + skip_term(D, x)
+    cast = lambda t: None if t is None else t.to(cd)
+    if T == 0:  # nothing consumed: the state passes through
+        y = x.new_zeros(Bsz, 0, H, P)
+        final = None
+        if return_final_state:
+            final = x.new_zeros(Bsz, H, P, N, dtype=cd) if initial_state is None else cast(initial_state).clone()
+        return y, final
+    if D is not None and D.dim() == 1:
+        D = D[:, None]
+    L, Q = min(chunk_size, T), SUBCHUNK
+    if L > Q and chunk_size % Q == 0:
+        L = -(-L // Q) * Q          # a short sequence: one chunk of whole tiles (<= chunk_size)
+    else:
+        Q = L
+    y, final = _SSDChunked.apply(cast(x), cast(dt), cast(A), cast(B), cast(C), cast(D), cast(initial_state), L, Q)
     if z is not None:
         y = y * F.silu(z.to(cd))
-    final = None
-    if return_final_state:
-        final = S if cd == torch.float64 else S.float()
-    return y.to(out_dtype), final
+    return y.to(out_dtype), (final if return_final_state else None)
+
+
+# ---------------------------------------------------------------------------------------------
+def _group_major(t: Tensor, nc: int, L: int, G: int) -> Tensor:
+    """[Bsz, T, H, ...] -> [Bsz*nc*G, L, H/G, ...], zero-padded to nc*L tokens (a view when G = 1,
+    no padding and t is contiguous)."""
+    Bsz, T, H = t.shape[:3]
+    rest = t.shape[3:]
+    if nc * L != T:
+        t = F.pad(t, (0, 0) * (len(rest) + 1) + (0, nc * L - T))
+    t = t.reshape(Bsz, nc, L, G, H // G, *rest)
+    if G > 1:
+        t = t.transpose(2, 3)
+    return t.reshape(Bsz * nc * G, L, H // G, *rest)
+
+
+def _time_major(t: Tensor, Bsz: int, nc: int, G: int, T: int) -> Tensor:
+    """Inverse of :func:`_group_major`: [Bsz*nc*G, L, K, ...] -> [Bsz, T, G*K, ...]."""
+    L, K = t.shape[1:3]
+    rest = t.shape[3:]
+    t = t.view(Bsz, nc, G, L, K, *rest)
+    if G > 1:
+        t = t.transpose(2, 3)
+    return t.reshape(Bsz, nc * L, G * K, *rest)[:, :T]
+
+
+def _exp(t: Tensor, floor: float) -> Tensor:
+    """exp of a fresh tensor of non-positive log decays, in place, clamped at -floor."""
+    return t.clamp_(min=-floor).exp_()
+
+
+def _diag_tiles(CB: Tensor, nb: int, Q: int) -> Tensor:
+    """CB [Bn, L, L] -> its diagonal Q x Q tiles [Bn, nb, Q, Q] (a view)."""
+    Bn = CB.shape[0]
+    return CB.view(Bn, nb, Q, nb, Q).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
+
+
+class _Diag:
+    """The diagonal Q x Q tiles of every chunk in shared-C.B form. With c the tile's middle token,
+    exp(l_t - l_s) = exp(l_t - l_c) exp(l_c - l_s), so a tile is u * (tril(C.B) @ (v * xd)) for all
+    of the group's heads in one matmul (u, v per head). Both factors stay within exp(+-lim)
+    (DIAG_RANGE) when the tile's log decay on either side of c is at most lim; the (tile, head)
+    pairs beyond that ("bad": only for extreme decays) are redone with their own exact Q x Q mask."""
+
+    def __init__(self, p: "_Prep"):
+        Q, K = p.Q, p.K
+        self.n, self.Q, self.K, self.P = p.Bn * p.nb, Q, K, p.P
+        lim = DIAG_RANGE[p.ell.dtype]
+        self.ell = p.ell.view(self.n, Q, K)
+        du = self.ell - self.ell[:, (Q - 1) // 2].unsqueeze(1)               # l_t - l_c  [n, Q, K]
+        bad = (du[:, 0] > lim) | (du[:, -1] < -lim)                           # [n, K]
+        self.bad = bad.nonzero().unbind(1) if bool(bad.any()) else None      # (tiles, heads)
+        self.u = du.clamp(-lim, lim).exp_().unsqueeze(-1)                    # [n, Q, K, 1]
+        self.v = du.neg_().clamp_(-lim, lim).exp_().unsqueeze(-1)
+        self.cb = _diag_tiles(p.CB, p.nb, Q).tril().reshape(self.n, Q, Q)   # causal, shared by heads
+        self.floor = p.floor
+
+    def tiles(self, t: Tensor) -> Tensor:
+        """[Bn, L, K, P] -> [n, Q, K, P] (a view)."""
+        return t.view(self.n, self.Q, self.K, self.P)
+
+    def exact(self):
+        """The bad pairs' decay masks M [m, Q, Q] and scores M * tril(C.B)."""
+        tiles, heads = self.bad
+        e = self.ell[tiles, :, heads]                                        # [m, Q]
+        M = (e.unsqueeze(-1) - e.unsqueeze(-2)).clamp_(-self.floor, 0.0).exp_()
+        return M, M * self.cb[tiles]
+
+    def forward(self, xd: Tensor, y: Tensor) -> None:
+        """y += the diagonal tiles' output (in place)."""
+        n, Q, KP = self.n, self.Q, self.K * self.P
+        R = torch.bmm(self.cb, (self.tiles(xd) * self.v).view(n, Q, KP)).view(n, Q, self.K, self.P)
+        if self.bad is None:
+            self.tiles(y).addcmul_(R, self.u)
+            return
+        tiles, heads = self.bad
+        R.mul_(self.u)
+        _, scores = self.exact()
+        R[tiles, :, heads] = torch.bmm(scores, self.tiles(xd)[tiles, :, heads])
+        self.tiles(y).add_(R)
+
+    def backward(self, xd: Tensor, dy: Tensor, dxd: Tensor) -> Tensor:
+        """dxd += the tiles' d xd (in place); returns d tril(C.B) of the tiles [n, Q, Q]."""
+        n, Q, KP = self.n, self.Q, self.K * self.P
+        U = self.tiles(dy) * self.u
+        if self.bad is not None:
+            U[self.bad[0], :, self.bad[1]] = 0
+        U = U.view(n, Q, KP)
+        dcb = torch.bmm(U, (self.tiles(xd) * self.v).view(n, Q, KP).transpose(1, 2))
+        self.tiles(dxd).addcmul_(torch.bmm(self.cb.transpose(1, 2), U).view(n, Q, self.K, self.P), self.v)
+        if self.bad is not None:
+            tiles, heads = self.bad
+            M, scores = self.exact()
+            dyk, xk = self.tiles(dy)[tiles, :, heads], self.tiles(xd)[tiles, :, heads]   # [m, Q, P]
+            dcb.index_add_(0, tiles, torch.bmm(dyk, xk.transpose(1, 2)).mul_(M))
+            self.tiles(dxd)[tiles, :, heads] += torch.bmm(scores.transpose(1, 2), dyk)
+        return dcb.tril_()
+
+
+def _tile_factors(ell: Tensor, r0: int, r1: int, floor: float):
+    """Row tile [r0, r1) below the diagonal: u = exp(l_t - l_m) for its rows, v = exp(l_m - l_s)
+    for s < r0, m = r0 - 1. ell [Bn, L, K] -> u [Bn, r1-r0, K, 1], v [Bn, r0, K, 1]."""
+    em = ell[:, r0 - 1 : r0]
+    return (_exp(ell[:, r0:r1] - em, floor).unsqueeze(-1), _exp(em - ell[:, :r0], floor).unsqueeze(-1))
+
+
+class _Prep:
+    """Recomputable per-chunk quantities shared by forward and backward."""
+
+    def __init__(self, x, dt, A, B, C, L, Q):
+        Bsz, T, H, P = x.shape
+        G, N = B.shape[-2:]
+        self.Bsz, self.T, self.H, self.P, self.G, self.N = Bsz, T, H, P, G, N
+        self.K, self.L, self.Q = H // G, L, Q
+        self.nc = -(-T // L)
+        self.nb = L // Q
+        self.Bn = Bsz * self.nc * G
+        self.floor = EXP_FLOOR[x.dtype]
+        gm = lambda t: _group_major(t, self.nc, L, G)
+        self.dt = gm(dt)                                                 # [Bn, L, K]
+        self.A = A.view(1, G, 1, self.K)
+        self.ell = torch.cumsum((self.dt.view(-1, G, L, self.K) * self.A).view(self.Bn, L, self.K), dim=1)
+        self.xd = gm(x * dt.unsqueeze(-1)).contiguous()                  # [Bn, L, K, P]
+        self.Bg = gm(B).view(self.Bn, L, N)                              # [Bn, L, N]
+        self.Cg = gm(C).view(self.Bn, L, N)
+        self.CB = torch.bmm(self.Cg, self.Bg.transpose(1, 2))            # [Bn, L, L]
+        self.last = self.ell[:, -1]                                      # [Bn, K]
+
+    def w_end(self) -> Tensor:
+        """exp(l_last - l_s) [Bn, L, K, 1]: decay from each token to its chunk's end."""
+        return _exp(self.last.unsqueeze(1) - self.ell, self.floor).unsqueeze(-1)
+
+    def states(self, t: Tensor) -> Tensor:
+        """[Bsz, nc(+1), H, P, N] chunk states -> [Bn, K*P, N] (chunk c of ``t``'s first nc)."""
+        return t[:, : self.nc].reshape(self.Bn, self.K * self.P, self.N)
+
+
+def _forward(p: _Prep, D, s0):
+    """Returns (y [Bsz, T, H, P], states [Bsz, nc + 1, H, P, N]: entering states and the final)."""
+    Bn, L, K, P, Q, nb, N = p.Bn, p.L, p.K, p.P, p.Q, p.nb, p.N
+    xd = p.xd
+    # Chunk-local end states, then the scan over chunks.
+    local = torch.bmm((xd * p.w_end()).view(Bn, L, K * P).transpose(1, 2), p.Bg)      # [Bn, K*P, N]
+    local = local.view(p.Bsz, p.nc, p.H, P, N)
+    decay = _exp(p.last.clone(), p.floor).view(p.Bsz, p.nc, p.H, 1, 1)
+    S = xd.new_empty(p.Bsz, p.nc + 1, p.H, P, N)
+    if s0 is None:
+        S[:, 0].zero_()
+    else:
+        S[:, 0].copy_(s0)
+    for c in range(p.nc):
+        torch.addcmul(local[:, c], decay[:, c], S[:, c], out=S[:, c + 1])
+    # Entering state read by every token: y = exp(l_t) C_t S_in^T.
+    if s0 is not None or p.nc > 1:
+        y = torch.bmm(p.Cg, p.states(S).transpose(1, 2)).view(Bn, L, K, P)
+        y.mul_(_exp(p.ell.clone(), p.floor).unsqueeze(-1))
+    else:
+        y = xd.new_zeros(Bn, L, K, P)
+    # Tiles below the diagonal: one matmul per tile row with the group's C.B block.
+    for i in range(1, nb):
+        r0, r1 = i * Q, (i + 1) * Q
+        u, v = _tile_factors(p.ell, r0, r1, p.floor)
+        R = torch.bmm(p.CB[:, r0:r1, :r0], (xd[:, :r0] * v).view(Bn, r0, K * P))
+        y[:, r0:r1].addcmul_(R.view(Bn, Q, K, P), u)
+    # Diagonal tiles.
+    _Diag(p).forward(xd, y)
+    y = _time_major(y, p.Bsz, p.nc, p.G, p.T)
+    return y, S
+
+
+def _backward(p: _Prep, x, D, s0, y, S, dy, dS_final, needs):
+    Bn, L, K, P, Q, nb, N, Bsz, nc, H = p.Bn, p.L, p.K, p.P, p.Q, p.nb, p.N, p.Bsz, p.nc, p.H
+    xd, ell = p.xd, p.ell
+    if dy is None:
+        dy = torch.zeros_like(y)
+    dyg = _group_major(dy, nc, L, p.G).contiguous()                      # [Bn, L, K, P]
+    # Reverse scan: dS_out[c] = gradient of chunk c's end state.
+    dS_out = xd.new_empty(Bsz, nc, H, P, N)
+    dS_out[:, -1] = 0 if dS_final is None else dS_final
+    decay = _exp(p.last.clone(), p.floor).view(Bsz, nc, H, 1, 1)
+    uses_s_in = s0 is not None or nc > 1
+    if uses_s_in:
+        ey = dyg * _exp(ell.clone(), p.floor).unsqueeze(-1)              # exp(l_t) dy_t
+        dS_in = torch.bmm(ey.view(Bn, L, K * P).transpose(1, 2), p.Cg).view(Bsz, nc, H, P, N)
+    for c in range(nc - 1, 0, -1):
+        torch.addcmul(dS_in[:, c], decay[:, c], dS_out[:, c], out=dS_out[:, c - 1])
+    ds0 = None
+    if s0 is not None:
+        ds0 = torch.addcmul(dS_in[:, 0], decay[:, 0], dS_out[:, 0])
+    dSo = dS_out.view(Bn, K * P, N)
+    # Through the chunk end states: d xd, dB and the decay to the chunk end.
+    w_end = p.w_end()
+    dxd = torch.bmm(p.Bg, dSo.transpose(1, 2)).view(Bn, L, K, P).mul_(w_end)
+    dB = torch.bmm((xd * w_end).view(Bn, L, K * P), dSo)                # [Bn, L, N]
+    dC = torch.bmm(ey.view(Bn, L, K * P), p.states(S)) if uses_s_in else xd.new_zeros(Bn, L, N)
+    # Tiles below the diagonal.
+    dCB = xd.new_zeros(Bn, L, L)
+    for i in range(1, nb):
+        r0, r1 = i * Q, (i + 1) * Q
+        u, v = _tile_factors(ell, r0, r1, p.floor)
+        U = (dyg[:, r0:r1] * u).view(Bn, Q, K * P)
+        W = (xd[:, :r0] * v).view(Bn, r0, K * P)
+        dCB[:, r0:r1, :r0] = torch.bmm(U, W.transpose(1, 2))
+        dxd[:, :r0].addcmul_(torch.bmm(p.CB[:, r0:r1, :r0].transpose(1, 2), U).view(Bn, r0, K, P), v)
+    # Diagonal tiles.
+    _diag_tiles(dCB, nb, Q).copy_(_Diag(p).backward(xd, dyg, dxd).view(Bn, nb, Q, Q))
+    dC += torch.bmm(dCB, p.Bg)
+    dB += torch.bmm(dCB.transpose(1, 2), p.Cg)
+    # Log decays: d l_t = sum_p (dy y_ssd - xd d xd) (+ <dS_out, S_out> at the chunk end).
+    yg = _group_major(y, nc, L, p.G)
+    dell = (dyg * yg).sum(-1) - (xd * dxd).sum(-1)                       # [Bn, L, K]
+    Dxg = None
+    if D is not None:  # y_ssd = y - D x
+        Dxg = _group_major(x * D, nc, L, p.G)
+        dell -= (dyg * Dxg).sum(-1)
+    dell[:, -1] += (dS_out * S[:, 1:]).sum((-1, -2)).view(Bn, K)
+    da = dell.flip(1).cumsum(1).flip(1)                                  # ell = cumsum(a), a = dt A
+    # Back to [Bsz, T, H(, P)] and through xd = dt x, a = dt A, y += D x.
+    tm = lambda t: _time_major(t, Bsz, nc, p.G, p.T)
+    dxd_t, dy_t = tm(dxd), dy
+    dt_ = p.dt
+    grads = {}
+    if needs["x"]:
+        dx = dxd_t * tm(dt_).unsqueeze(-1)
+        if D is not None:
+            dx = dx.addcmul_(dy_t, D)
+        grads["x"] = dx
+    if needs["dt"]:
+        grads["dt"] = tm((da.view(-1, p.G, L, K) * p.A).view(Bn, L, K)) + (dxd_t * x).sum(-1)
+    if needs["A"]:
+        grads["A"] = (da * dt_).view(Bsz * nc, p.G, L, K).sum((0, 2)).reshape(H)
+    if needs["D"] and D is not None:
+        dD = (dy_t * x).sum((0, 1))
+        grads["D"] = dD.sum(-1, keepdim=True) if D.shape[-1] == 1 else dD
+    if needs["B"]:
+        grads["B"] = tm(dB.view(Bn, L, 1, N))
+    if needs["C"]:
+        grads["C"] = tm(dC.view(Bn, L, 1, N))
+    grads["s0"] = ds0
+    return grads
+
+
+class _SSDChunked(torch.autograd.Function):
+    """(x, dt, A, B, C, D [H, P] | None, s0 | None, L, Q) -> (y [Bsz, T, H, P], final state)."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, s0, L, Q):
+        p = _Prep(x, dt, A, B, C, L, Q)
+        y, S = _forward(p, D, s0)
+        if D is not None:
+            y.addcmul_(x, D)
+        final = S[:, -1].clone()
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(x, dt, A, B, C, D, s0, y, S)
+            ctx.LQ = (L, Q)
+        return y, final
+
+    @staticmethod
+    def backward(ctx, dy, dfinal):
+        x, dt, A, B, C, D, s0, y, S = ctx.saved_tensors
+        p = _Prep(x, dt, A, B, C, *ctx.LQ)
+        names = ("x", "dt", "A", "B", "C", "D", "s0")
+        g = _backward(p, x, D, s0, y, S, dy, dfinal, dict(zip(names, ctx.needs_input_grad)))
+        return tuple(g.get(n) for n in names) + (None, None)
