@@ -212,6 +212,57 @@ def profile(B, T, res):
     res.setdefault("profile", {})[f"{B}x{T}"] = out
 
 
+MIMO_NAMES = ("q", "k", "v", "dA", "dt", "trap", "q_bias", "k_bias", "angles", "mimo_x", "mimo_z", "mimo_o", "D", "z")
+
+
+def mimo_inputs(B, T, R=4, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)
+    dt = F.softplus(r(B, T, H) - 3.0)
+    A = -torch.rand(H, device="cuda", generator=g) * 4 - 0.5
+    return dict(q=r(B, T, R, G, N).to(dtype), k=r(B, T, R, G, N).to(dtype), v=r(B, T, H, P).to(dtype), dA=dt * A,
+                dt=dt, trap=r(B, T, H), q_bias=1 + 0.1 * r(H, R, N), k_bias=1 + 0.1 * r(H, R, N), angles=r(B, T, S),
+                mimo_x=1 + 0.2 * r(H, R, P), mimo_z=1 + 0.2 * r(H, R, P), mimo_o=1 + 0.2 * r(H, R, P), D=r(H),
+                z=r(B, T, H, P).to(dtype))
+
+
+def time_mimo(res, R=4):
+    """MIMO R=4 on the Triton path (impl='triton'): check vs the chunked path in fp32 at 2x512,
+    then fwd and fwd+bwd at 8x2048 beside our SISO time on the same shape."""
+    from mamba3.ops.mamba3 import mamba3_mimo
+    xs = mimo_inputs(2, 512, R, seed=5)
+    leaves = {n: x.clone().requires_grad_(True) for n, x in xs.items()}
+    y = mamba3_mimo(*(leaves[n] for n in MIMO_NAMES), impl="triton")[0]
+    ref = {n: x.detach().float().requires_grad_(True) for n, x in xs.items()}
+    y_ref = mamba3_mimo(*(ref[n] for n in MIMO_NAMES), impl="chunked")[0]
+    dy = torch.randn_like(y_ref)
+    (y.float() * dy).sum().backward()
+    (y_ref * dy).sum().backward()
+    errs = {"y": rel(y, y_ref)}
+    errs.update({"d" + n: rel(leaves[n].grad, ref[n].grad) for n in MIMO_NAMES})
+    ok = all(v < (0.2 if k == "dangles" else 2e-2) for k, v in errs.items())
+    res["check"]["mimo_2x512"] = dict(errs, ok=ok)
+    print("check mimo: ok=" + str(ok) + " " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
+    if not ok:
+        return
+    B, T = SHAPES[0]
+    xs = mimo_inputs(B, T, R)
+    leaves = {n: x.clone().requires_grad_(True) for n, x in xs.items()}
+    dy = torch.randn(B, T, H, P, device="cuda", dtype=torch.bfloat16)
+    row = {}
+    with torch.no_grad():
+        row["mimo_fwd"] = do_bench(lambda: mamba3_mimo(*(xs[n] for n in MIMO_NAMES), impl="triton"),
+                                   return_mode="median")
+    row["mimo_fwdbwd"] = do_bench(lambda: mamba3_mimo(*(leaves[n] for n in MIMO_NAMES), impl="triton")[0].backward(dy),
+                                  grad_to_none=list(leaves.values()), return_mode="median")
+    siso = res["prefill"].get(f"{B}x{T}", {})
+    if "ours_fwdbwd" in siso:
+        row["ratio_to_siso_fwdbwd"] = row["mimo_fwdbwd"] / siso["ours_fwdbwd"]
+        row["ratio_to_siso_fwd"] = row["mimo_fwd"] / siso["ours_fwd"]
+    res["mimo"] = {f"R{R}_{B}x{T}": row}
+    print(f"mimo R={R} {B}x{T}: " + " ".join(f"{k}={v:.3f}" for k, v in row.items()), flush=True)
+
+
 def decode_inputs(B, state_dtype, seed=0):
     xs = {n: x[:, 0] for n, x in inputs(B, 1, seed=seed).items() if n not in ("q_bias", "k_bias", "D")}
     xs.update(q_bias=1 + 0.1 * torch.randn(H, N, device="cuda"), k_bias=1 + 0.1 * torch.randn(H, N, device="cuda"),
@@ -285,6 +336,7 @@ def main():
     ap.add_argument("--shapes", default=None, help="prefill shapes, e.g. 8x2048,1x16384 (default: all three)")
     ap.add_argument("--no-decode", action="store_true")
     ap.add_argument("--profile", action="store_true", help="torch.profiler kernel table per prefill shape")
+    ap.add_argument("--mimo", action="store_true", help="also check and time MIMO R=4 (Triton) at the first shape")
     args = ap.parse_args()
     off = import_official(args.official)
     res = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
@@ -312,6 +364,9 @@ def main():
             if args.profile:
                 guarded(profile, B, T, res)
         ok_all &= ok
+        dump()
+    if args.mimo:
+        guarded(time_mimo, res)
         dump()
     res["all_checks_ok"] = ok_all
     dump()
