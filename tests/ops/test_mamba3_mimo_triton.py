@@ -18,6 +18,8 @@ if not HAS_CUDA:
 pytest.importorskip("triton", reason="triton is not installed")
 
 from mamba3.ops import mamba3_mimo  # noqa: E402
+from mamba3.ops.mamba3.mimo_interface import mamba3_mimo_step  # noqa: E402
+from mamba3.ops.mamba3.mimo_reference import mamba3_mimo_step_reference  # noqa: E402
 import mamba3.ops.mamba3.mimo_chunked as mimo_chunked  # noqa: E402
 from mamba3.ops.mamba3 import Mamba3State, mamba3_mimo_reference  # noqa: E402
 from mamba3.ops.mamba3.mimo_interface import triton_mimo_supported  # noqa: E402
@@ -270,3 +272,116 @@ def test_half_precision_inputs(dtype):
                        initial_state=Mamba3State(*(t.double().cpu() for t in st)))
     assert y.dtype == dtype and s.ssm.dtype == torch.float32 and s.k.dtype == dtype
     assert rel(y, y_ref) < 1e-2 and rel(s.ssm, s_ref.ssm) < 1e-2
+
+
+# ------------------------------------------------------------------------------ decode step
+def step_args(x, t):
+    """Token t of make_inputs as mamba3_mimo_step positional args (q ... z)."""
+    return [None if x.get(n) is None else (x[n] if n in PARAMS else x[n][:, t]) for n in NAMES]
+
+
+@pytest.mark.parametrize("R,G,H,per_head,optional,norm,state_dtype", [
+    (1, 1, 2, False, True, False, torch.float32),
+    (2, 2, 4, True, True, True, torch.float32),
+    (4, 1, 2, False, False, True, torch.float32),     # no D / z, outproj norm
+    (4, 2, 2, True, True, False, torch.float32),      # G = H
+    (2, 1, 2, False, True, True, torch.bfloat16),     # bf16 state
+    (4, 2, 4, True, False, False, torch.bfloat16),
+])
+def test_step_loop_matches_fp64_reference_and_chunked(R, G, H, per_head, optional, norm, state_dtype):
+    """A loop of Triton steps == the float64 reference loop == the chunked sequence forward on the
+    same tokens (outputs and the final state: angle, ssm, k, v), starting from a random state."""
+    B, T = 2, 4
+    x = make_inputs(B=B, T=T, R=R, G=G, H=H, per_head_angles=per_head, norm=norm, seed=20 + R)
+    if not optional:
+        x["D"], x["z"] = None, None
+    st0 = Mamba3State(*(t.to(DEV) for t in make_state(B, R, H=H, seed=21)))
+    st = st0._replace(ssm=st0.ssm.to(state_dtype).clone(), k=st0.k.clone(), v=st0.v.clone(), angle=st0.angle.clone())
+    ys = [mamba3_mimo_step(*step_args(x, t), st, impl="triton", outproj_norm_weight=x.get("w")) for t in range(T)]
+    y = torch.stack(ys, 1)
+    init64 = Mamba3State(*(t.double().cpu() for t in st0))
+    y_ref, fin_ref = run(mamba3_mimo_reference, to64(x), initial_state=init64, return_final_state=True)
+    y_ch, fin_ch = run(mamba3_mimo, to64(x), initial_state=init64, return_final_state=True, chunk_size=3,
+                       impl="chunked")
+    tol = 1e-5 if state_dtype == torch.float32 else 2e-2
+    assert y.dtype == torch.float32 and st.ssm.dtype == state_dtype
+    assert rel(y, y_ref) < tol and rel(y_ch, y_ref) < 1e-10
+    for name, a, b, c in zip(Mamba3State._fields, st, fin_ref, fin_ch):
+        assert rel(a, b) < tol and rel(c, b) < 1e-10, f"state.{name}"
+
+
+def test_step_updates_the_cache_in_place_without_new_state():
+    """The four state tensors keep their storage and hold the new state; the op allocates nothing
+    the size of the [B, H, P, N] state (only the [B, H, P] output)."""
+    B, R, H, N, P = 2, 2, 2, 16, 8
+    x = make_inputs(B=B, T=1, R=R, H=H, N=N, P=P, norm=True, seed=30)
+    st = Mamba3State(*(t.to(DEV) for t in make_state(B, R, H=H, N=N, P=P, seed=31)))
+    ptrs = [t.data_ptr() for t in st]
+    _, new = mamba3_mimo_step_reference(*[None if t is None else t.double() for t in step_args(x, 0)],
+                                        Mamba3State(*(t.double() for t in st)), x["w"].double())
+    mode = _PeakBytes()
+    with torch.no_grad(), mode:
+        out = mamba3_mimo_step(*step_args(x, 0), st, impl="triton", outproj_norm_weight=x["w"])
+    assert [t.data_ptr() for t in st] == ptrs
+    for name, a, b in zip(Mamba3State._fields, st, new):
+        assert rel(a, b) < 1e-5, f"state.{name}"
+    assert out.shape == (B, H, P) and mode.peak < st.ssm.numel() * 4, mode.peak
+
+
+def test_step_strided_inputs_and_layer_cache(monkeypatch):
+    """The Mamba3 MIMO layer's decode (strided views of in_proj's output, the cache as allocated)
+    on the kernel: step loop == the layer's sequence forward; the cache is updated in place."""
+    from mamba3.layers.mamba3 import Mamba3
+    import mamba3.ops.mamba3.mimo_interface as mi
+    calls = []
+    monkeypatch.setattr(mi, "_step_picks_triton", lambda *a: calls.append(1) or True)   # CPU: interpreter
+    torch.manual_seed(0)
+    m = Mamba3(16, d_state=8, headdim=4, is_mimo=True, mimo_rank=2, ngroups=2, is_outproj_norm=True,
+               chunk_size=4).to(DEV)
+    u = torch.randn(2, 3, 16, device=DEV)
+    with torch.no_grad():
+        y_seq = m(u)
+        cache = m.allocate_inference_cache(2)
+        ptrs = [cache.ssm.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), cache.angle.data_ptr()]
+        y = torch.stack([m.step(u[:, t], cache) for t in range(3)], 1)
+    assert len(calls) == 3
+    assert [cache.ssm.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), cache.angle.data_ptr()] == ptrs
+    torch.testing.assert_close(y, y_seq, atol=2e-5, rtol=1e-4)
+
+
+def test_step_auto_dispatch(monkeypatch):
+    import mamba3.ops.mamba3.triton_mimo_step as tms
+    calls = []
+    real = tms.mamba3_mimo_step_triton
+    monkeypatch.setattr(tms, "mamba3_mimo_step_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = make_inputs(T=1, R=2)
+    st = Mamba3State(*(t.to(DEV) for t in make_state(2, 2)))
+    mamba3_mimo_step(*step_args(x, 0), st)
+    assert calls == ([1] if HAS_CUDA else [])                               # CPU: the reference
+    mamba3_mimo_step(*step_args(x, 0), Mamba3State(*(t.double() for t in st)))  # float64 state: reference
+    assert calls == ([1] if HAS_CUDA else [])
+
+
+@pytest.mark.parametrize("name", ["q", "angles", "mimo_o", "w", "state.ssm", "state.k"])
+def test_step_float64_with_impl_triton_raises_type_error_naming_the_argument(name):
+    x = make_inputs(T=1, R=2, norm=True)
+    st = Mamba3State(*(t.to(DEV) for t in make_state(2, 2)))
+    if name.startswith("state."):
+        st = st._replace(**{name[6:]: getattr(st, name[6:]).double()})
+    else:
+        x[name] = x[name].double()
+    label = "outproj_norm_weight" if name == "w" else name
+    with pytest.raises(TypeError, match=rf"impl='triton' needs {label} in float32/bfloat16/float16, got torch.float64"):
+        mamba3_mimo_step(*step_args(x, 0), st, impl="triton", outproj_norm_weight=x["w"])
+
+
+def test_step_triton_errors():
+    x = make_inputs(T=1, R=2)
+    st = Mamba3State(*(t.to(DEV) for t in make_state(2, 2)))
+    with pytest.raises(TypeError, match=r"impl='triton' needs state.angle in float32, got torch.float64"):
+        mamba3_mimo_step(*step_args(x, 0), st._replace(angle=st.angle.double()), impl="triton")
+    ssm_t = st.ssm.transpose(-1, -2).contiguous().transpose(-1, -2)        # right shape, not contiguous
+    with pytest.raises(ValueError, match=r"state.ssm must be contiguous"):
+        mamba3_mimo_step(*step_args(x, 0), st._replace(ssm=ssm_t), impl="triton")
+    with pytest.raises(ValueError, match=r"impl must be one of \['auto', 'reference', 'triton'\]"):
+        mamba3_mimo_step(*step_args(x, 0), st, impl="chunked")

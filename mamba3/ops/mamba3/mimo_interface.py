@@ -193,9 +193,12 @@ def mamba3_mimo_step(q: Tensor, k: Tensor, v: Tensor, dA: Tensor, dt: Tensor, tr
     q, k: [B, R, G, N]; v, z: [B, H, P]; dA, dt, trap: [B, H]; angles: [B, S] or [B, H, S];
     q_bias, k_bias: [H, R, N]; mimo_x/z/o: [H, R, P]; D: [H]; outproj_norm_weight: [H, P];
     state: Mamba3State(angle [B, H, S], ssm [B, H, P, N], k [B, R, H, N], v [B, H, P]).
-    Returns out [B, H, P] in v's dtype. The state keeps its own dtypes.
+    impl: "auto" (the Triton kernel of triton_mimo_step.py for CUDA tensors in fp32/bf16/fp16 with
+    a contiguous state and a float32 angle, else the reference), "reference" or "triton" (also
+    CPU tensors under TRITON_INTERPRET=1; float64 raises TypeError naming the argument).
+    Returns out [B, H, P] in v's dtype. The state keeps its own dtypes (fp32 or bf16 ssm).
     """
-    check_impl(impl, ("auto", "reference"))
+    check_impl(impl, ("auto", "reference", "triton"))
     H, P, R, N = _validate_common(q, k, v, q_bias, k_bias, mimo_x, mimo_z, mimo_o, D, z, outproj_norm_weight,
                                   outproj_norm_eps, time=False)
     B = v.shape[0]
@@ -206,8 +209,29 @@ def mamba3_mimo_step(q: Tensor, k: Tensor, v: Tensor, dA: Tensor, dt: Tensor, tr
     check_same_device(q=q, k=k, v=v, dA=dA, dt=dt, trap=trap, q_bias=q_bias, k_bias=k_bias, angles=angles,
                       mimo_x=mimo_x, mimo_z=mimo_z, mimo_o=mimo_o, D=D, z=z, outproj_norm_weight=outproj_norm_weight, state=state)
     check_writable("state", state)
+    args = (q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z)
+    if impl == "triton" or (impl == "auto" and _step_picks_triton(args + (outproj_norm_weight,), state)):
+        try:
+            from .triton_mimo_step import mamba3_mimo_step_triton
+        except ImportError as e:
+            raise ValueError(f"impl='triton' needs an importable triton (>= 3.5): {e}; use impl='reference'") from e
+        return mamba3_mimo_step_triton(*args, state, outproj_norm_weight, outproj_norm_eps)
     y, new = mamba3_mimo_step_reference(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o,
                                         D, z, state, outproj_norm_weight, outproj_norm_eps)
     for dst, src in zip(state, new):
         dst.copy_(src)
     return y.to(v.dtype)
+
+
+def _step_picks_triton(tensors, state: Mamba3State) -> bool:
+    """impl='auto' for the step: the Triton kernel for CUDA tensors it takes (fp32/bf16/fp16, state
+    contiguous with a float32 angle), outside torch.compile (no custom op registered for it)."""
+    v = tensors[2]
+    if v.device.type != "cuda" or torch.compiler.is_compiling():
+        return False
+    if any(t is not None and t.dtype not in TRITON_DTYPES for t in tensors + tuple(state[1:])):
+        return False
+    if state.angle.dtype != torch.float32 or not all(t.is_contiguous() for t in state):
+        return False
+    from .interface import triton_available
+    return triton_available(v.device)

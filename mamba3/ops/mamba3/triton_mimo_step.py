@@ -1,0 +1,165 @@
+"""Mamba-3 MIMO decode step as one Triton kernel (state updated in place).
+
+One program per (batch, head) does the whole token (SPEC sections 4-5):
+    theta = theta_prev + dt * pi * tanh(angles)                     (S angles, shared by ranks)
+    k_t[r] = Rot_halves(theta) (B[r, g(h)] + k_bias[h, r]),  q_t[r] likewise from C
+    X[r] = psi[h, r] * x                                            (psi = mimo_x)
+    S <- alpha S + beta sum_r X_prev[r] k_prev[r]^T + gamma sum_r X[r] k_t[r]^T
+    Y[r] = S q_t[r] + D X[r]          (optionally Y[r] <- RMSNorm_P(Y[r]) * w[h], eps)
+    out = sum_r phi[h, r] * Y[r] * silu(zeta[h, r] * z)              (no gate when z is None)
+then the cache writes: angle mod 2*pi, the rotated biased k_t [B, R, H, N], raw x. The state
+tile [P, N] is read and written once, in its own dtype (fp32 or bf16); all math is fp32. The
+rank contraction (norm, gate, phi sum) is fused, so only out [B, H, P] leaves the kernel.
+Rotary pairs are split-half (i, i + N/2), i < S, as in the chunked MIMO forms.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import Mamba3State
+from .triton_siso import check_triton_inputs
+from .triton_siso_fwd import nonempty
+
+
+@triton.jit
+def _rotated_halves(x_ptr, xb_ptr, n, partner, N, sign, cos_n, sin_n):
+    """Biased, split-half-rotated vector (fp32): x[n] cos - x[n + N/2] sin (n < N/2),
+    x[n - N/2] sin + x[n] cos (n >= N/2); cos = 1, sin = 0 on unrotated dims."""
+    x = tl.load(x_ptr + n, mask=n < N, other=0.0).to(tl.float32) + tl.load(xb_ptr + n, mask=n < N, other=0.0)
+    xp = tl.load(x_ptr + partner, mask=partner < N, other=0.0).to(tl.float32) \
+        + tl.load(xb_ptr + partner, mask=partner < N, other=0.0)
+    return x * cos_n + sign * xp * sin_n
+
+
+@triton.jit
+def _mimo_step_kernel(Q, K, V, dA, DT, TRAP, QB, KB, ANG, PSI, ZETA, PHI, D, Z, W,
+                      ST_ANG, ST_SSM, ST_K, ST_V, OUT,
+                      H, G, N, P, S, eps,
+                      q_sb, k_sb, v_sb, z_sb, da_sb, dt_sb, trap_sb, ang_sb, ang_sh,
+                      R: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_NORM: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    g = h // (H // G)
+    dt = tl.load(DT + b * dt_sb + h).to(tl.float32)
+    da = tl.load(dA + b * da_sb + h).to(tl.float32)
+    lam = tl.sigmoid(tl.load(TRAP + b * trap_sb + h).to(tl.float32))
+    alpha = tl.exp(da)
+    beta = (1.0 - lam) * dt * alpha
+    gamma = lam * dt
+
+    n = tl.arange(0, BLOCK_N)
+    half = N // 2
+    first = n < half
+    pair = tl.where(first, n, n - half)
+    partner = tl.where(first, n + half, n - half)
+    sign = tl.where(first, -1.0, 1.0)
+    rot = (pair < S) & (n < N)
+    raw = tl.load(ANG + b * ang_sb + h * ang_sh + pair, mask=rot, other=0.0).to(tl.float32)
+    th_old = tl.load(ST_ANG + bh * S + pair, mask=rot, other=0.0)
+    # tanh(x) = 1 - 2 / (exp(2x) + 1), stable for large |x|
+    theta = th_old + dt * 3.141592653589793 * (1.0 - 2.0 / (tl.exp(2.0 * raw) + 1.0))
+    cos_n = tl.where(rot, tl.cos(theta), 1.0)
+    sin_n = tl.where(rot, tl.sin(theta), 0.0)
+
+    p = tl.arange(0, BLOCK_P)
+    nmask = n < N
+    pmask = p < P
+    x = tl.load(V + b * v_sb + h * P + p, mask=pmask, other=0.0).to(tl.float32)
+    v_prev = tl.load(ST_V + bh * P + p, mask=pmask, other=0.0).to(tl.float32)
+    smask = pmask[:, None] & nmask[None, :]
+    sptr = ST_SSM + bh * P * N + p[:, None] * N + n[None, :]
+    s = alpha * tl.load(sptr, mask=smask, other=0.0).to(tl.float32)
+    for r in tl.static_range(R):
+        psi = tl.load(PSI + (h * R + r) * P + p, mask=pmask, other=0.0).to(tl.float32)
+        kptr = ST_K + ((b * R + r) * H + h) * N + n
+        k_prev = tl.load(kptr, mask=nmask, other=0.0).to(tl.float32)
+        k = _rotated_halves(K + b * k_sb + (r * G + g) * N, KB + (h * R + r) * N, n, partner, N, sign, cos_n, sin_n)
+        s += (beta * psi * v_prev)[:, None] * k_prev[None, :] + (gamma * psi * x)[:, None] * k[None, :]
+        tl.debug_barrier()  # every warp has read k_prev[r] before its slot is overwritten
+        tl.store(kptr, k.to(ST_K.dtype.element_ty), mask=nmask)
+
+    if HAS_D:
+        dh = tl.load(D + h).to(tl.float32)
+    if HAS_Z:
+        zz = tl.load(Z + b * z_sb + h * P + p, mask=pmask, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        w = tl.load(W + h * P + p, mask=pmask, other=0.0).to(tl.float32)
+    out = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for r in tl.static_range(R):
+        q = _rotated_halves(Q + b * q_sb + (r * G + g) * N, QB + (h * R + r) * N, n, partner, N, sign, cos_n, sin_n)
+        y = tl.sum(s * q[None, :], axis=1)                                    # [P]
+        if HAS_D:
+            y += dh * tl.load(PSI + (h * R + r) * P + p, mask=pmask, other=0.0).to(tl.float32) * x
+        if HAS_NORM:
+            y = y * tl.rsqrt(tl.sum(y * y, axis=0) / P + eps) * w
+        if HAS_Z:
+            zr = tl.load(ZETA + (h * R + r) * P + p, mask=pmask, other=0.0).to(tl.float32) * zz
+            y = y * zr * tl.sigmoid(zr)
+        out += tl.load(PHI + (h * R + r) * P + p, mask=pmask, other=0.0).to(tl.float32) * y
+
+    tl.debug_barrier()  # v_prev and theta_prev read by every warp before they are overwritten
+    tl.store(sptr, s.to(ST_SSM.dtype.element_ty), mask=smask)
+    tl.store(OUT + bh * P + p, out.to(OUT.dtype.element_ty), mask=pmask)
+    tl.store(ST_V + bh * P + p, x.to(ST_V.dtype.element_ty), mask=pmask)
+    wrapped = theta - 6.283185307179586 * tl.floor(theta / 6.283185307179586)
+    tl.store(ST_ANG + bh * S + pair, wrapped, mask=rot & first)
+
+
+def _rows(t: torch.Tensor):
+    """``t`` with every dim but the first contiguous (a copy only if not), and its batch stride:
+    the layer's strided views of one in_proj output launch without copies."""
+    expected = 1
+    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
+        if size != 1 and stride != expected:
+            t = t.contiguous()
+            break
+        expected *= size
+    return t, t.stride(0)
+
+
+def mamba3_mimo_step_triton(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z,
+                            state: Mamba3State, outproj_norm_weight: Optional[torch.Tensor] = None,
+                            outproj_norm_eps: float = 1e-5, num_warps: Optional[int] = None) -> torch.Tensor:
+    """One MIMO decode token (shapes as :func:`mamba3.ops.mamba3_mimo_step`, already validated);
+    ``state`` is updated in place (its tensors must be contiguous; angle float32, ssm fp32 / bf16 /
+    fp16). Returns out [B, H, P] in v's dtype. No autograd."""
+    check_triton_inputs(16, [("q", q), ("k", k), ("v", v), ("dA", dA), ("dt", dt), ("trap", trap),
+                             ("q_bias", q_bias), ("k_bias", k_bias), ("angles", angles), ("mimo_x", mimo_x),
+                             ("mimo_z", mimo_z), ("mimo_o", mimo_o), ("D", D), ("z", z),
+                             ("outproj_norm_weight", outproj_norm_weight), ("state.ssm", state.ssm),
+                             ("state.k", state.k), ("state.v", state.v)])
+    if state.angle.dtype != torch.float32:
+        raise TypeError(f"impl='triton' needs state.angle in float32, got {state.angle.dtype}")
+    for name, t in zip(Mamba3State._fields, state):
+        if not t.is_contiguous():
+            raise ValueError(f"state.{name} must be contiguous (the step updates it in place)")
+    B, H, P = v.shape
+    R, G, N = q.shape[1:]
+    S = angles.shape[-1]
+    out = torch.empty(B, H, P, device=v.device, dtype=v.dtype)
+    if B == 0 or H == 0:
+        return out
+    (q, q_sb), (k, k_sb), (v, v_sb) = _rows(q), _rows(k), _rows(v)
+    (dA, da_sb), (dt, dt_sb), (trap, trap_sb), (angles, ang_sb) = _rows(dA), _rows(dt), _rows(trap), _rows(angles)
+    z, z_sb = (None, 0) if z is None else _rows(z)
+    ang_sh = angles.stride(1) if angles.dim() == 3 else 0
+    qb, kb = q_bias.float().contiguous(), k_bias.float().contiguous()
+    c = lambda t: None if t is None else t.contiguous()
+    psi, zeta, phi, D, w = map(c, (mimo_x, mimo_z, mimo_o, D, outproj_norm_weight))
+    BN, BP = triton.next_power_of_2(max(N, 2)), triton.next_power_of_2(P)
+    nw = num_warps or (4 if BN * BP <= 8192 else 8)
+    _mimo_step_kernel[(B * H,)](
+        q, k, v, dA, dt, trap, qb, kb, nonempty(angles, dt), psi, zeta, phi,
+        out if D is None else D, out if z is None else z, out if w is None else w,
+        nonempty(state.angle, dt), state.ssm, state.k, state.v, out,
+        H, G, N, P, S, float(outproj_norm_eps),
+        q_sb, k_sb, v_sb, z_sb, da_sb, dt_sb, trap_sb, ang_sb, ang_sh,
+        R=R, HAS_D=D is not None, HAS_Z=z is not None, HAS_NORM=w is not None,
+        BLOCK_N=BN, BLOCK_P=BP, num_warps=nw)
+    return out
