@@ -274,3 +274,43 @@ def _forward(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state,
 def mamba3_siso_step_op(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, state: Mamba3State) -> Tensor:
     """One decode token through ``mamba3::siso_step`` (``state`` updated in place)."""
     return siso_step(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, *state)
+
+
+# ------------------------------------------------------------------------------ MIMO decode step
+# mamba3::mimo_step(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D?, z?, w?, eps,
+#                   angle!, ssm!, k!, v!) -> out: one MIMO decode token (triton_mimo_step.py on CUDA /
+#   the interpreter, else mamba3_mimo_step_reference), the four state tensors updated in place.
+def _mimo_step_on_triton(v: Tensor, tensors, angle: Tensor) -> bool:
+    return (_on_triton(v) and angle.dtype == torch.float32
+            and all(t is None or t.dtype in (torch.float32, torch.bfloat16, torch.float16) for t in tensors))
+
+
+@torch.library.custom_op("mamba3::mimo_step", mutates_args=("angle", "ssm", "k_state", "v_state"))
+def mimo_step(q: Tensor, k: Tensor, v: Tensor, dA: Tensor, dt: Tensor, trap: Tensor, q_bias: Tensor,
+              k_bias: Tensor, angles: Tensor, mimo_x: Tensor, mimo_z: Tensor, mimo_o: Tensor, D: Optional[Tensor],
+              z: Optional[Tensor], norm_weight: Optional[Tensor], norm_eps: float, angle: Tensor, ssm: Tensor,
+              k_state: Tensor, v_state: Tensor) -> Tensor:
+    args = (q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z)
+    state = Mamba3State(angle, ssm, k_state, v_state)
+    if _mimo_step_on_triton(v, args + (norm_weight, ssm, k_state, v_state), angle) and \
+            all(t.is_contiguous() for t in state):
+        from .mamba3.triton_mimo_step import mamba3_mimo_step_triton
+        return mamba3_mimo_step_triton(*args, state, norm_weight, norm_eps)
+    from .mamba3.mimo_reference import mamba3_mimo_step_reference
+    y, new = mamba3_mimo_step_reference(*args, state, norm_weight, norm_eps)
+    for dst, src in zip(state, new):
+        dst.copy_(src)
+    return y.to(v.dtype)
+
+
+@mimo_step.register_fake
+def _(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, norm_weight, norm_eps,
+      angle, ssm, k_state, v_state):
+    return torch.empty_like(v)
+
+
+def mamba3_mimo_step_op(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z,
+                        state: Mamba3State, outproj_norm_weight=None, outproj_norm_eps: float = 1e-5) -> Tensor:
+    """One MIMO decode token through ``mamba3::mimo_step`` (``state`` updated in place)."""
+    return mimo_step(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z,
+                     outproj_norm_weight, float(outproj_norm_eps), *state)

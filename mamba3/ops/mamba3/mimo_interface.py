@@ -211,6 +211,9 @@ def mamba3_mimo_step(q: Tensor, k: Tensor, v: Tensor, dA: Tensor, dt: Tensor, tr
     check_writable("state", state)
     args = (q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z)
     if impl == "triton" or (impl == "auto" and _step_picks_triton(args + (outproj_norm_weight,), state)):
+        if torch.compiler.is_compiling():  # the launch as an opaque op (in-place state declared mutated)
+            from .. import custom_ops
+            return custom_ops.mamba3_mimo_step_op(*args, state, outproj_norm_weight, outproj_norm_eps)
         try:
             from .triton_mimo_step import mamba3_mimo_step_triton
         except ImportError as e:
@@ -225,9 +228,9 @@ def mamba3_mimo_step(q: Tensor, k: Tensor, v: Tensor, dA: Tensor, dt: Tensor, tr
 
 def _step_picks_triton(tensors, state: Mamba3State) -> bool:
     """impl='auto' for the step: the Triton kernel for CUDA tensors it takes (fp32/bf16/fp16, state
-    contiguous with a float32 angle), outside torch.compile (no custom op registered for it)."""
+    contiguous with a float32 angle); under torch.compile through the op ``mamba3::mimo_step``."""
     v = tensors[2]
-    if v.device.type != "cuda" or torch.compiler.is_compiling():
+    if v.device.type != "cuda":
         return False
     if any(t is not None and t.dtype not in TRITON_DTYPES for t in tensors + tuple(state[1:])):
         return False
