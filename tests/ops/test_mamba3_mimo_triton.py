@@ -411,3 +411,22 @@ def test_step_op_opcheck_and_compile_fullgraph():
     for a, b in zip(s_c, s_e):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     assert any("mamba3.mimo_step" in g for g in graphs)
+
+
+def test_step_half_precision_inputs_and_cache():
+    """bf16 activations and bf16 k / v cache (as the layer allocates for a bf16 model), fp32 ssm:
+    output and cache in bf16, close to the float64 reference of the same rounded inputs."""
+    x = make_inputs(B=2, T=2, R=4, norm=True, seed=50)
+    for n in ("q", "k", "v", "z", "angles", "trap"):
+        x[n] = x[n].bfloat16()
+    st = Mamba3State(*(t.to(DEV) for t in make_state(2, 4, seed=51)))
+    st = st._replace(k=st.k.bfloat16(), v=st.v.bfloat16())
+    st64 = Mamba3State(*(t.double() for t in st))
+    for t in range(2):
+        y = mamba3_mimo_step(*step_args(x, t), st, impl="triton", outproj_norm_weight=x["w"])
+        y_ref, st64 = mamba3_mimo_step_reference(*[None if a is None else a.double() for a in step_args(x, t)],
+                                                 st64, x["w"].double())
+        assert y.dtype == torch.bfloat16 and rel(y, y_ref) < 1e-2
+    assert st.ssm.dtype == torch.float32 and st.k.dtype == st.v.dtype == torch.bfloat16
+    for name, a, b in zip(Mamba3State._fields, st, st64):
+        assert rel(a, b) < 1e-2, f"state.{name}"
