@@ -328,7 +328,8 @@ def test_step_updates_the_cache_in_place_without_new_state():
     assert out.shape == (B, H, P) and mode.peak < st.ssm.numel() * 4, mode.peak
 
 
-def test_step_strided_inputs_and_layer_cache(monkeypatch):
+@pytest.mark.parametrize("opts", [dict(is_outproj_norm=True), dict(rope="fixed", d_conv=4)])
+def test_step_strided_inputs_and_layer_cache(monkeypatch, opts):
     """The Mamba3 MIMO layer's decode (strided views of in_proj's output, the cache as allocated)
     on the kernel: step loop == the layer's sequence forward; the cache is updated in place."""
     from mamba3.layers.mamba3 import Mamba3
@@ -336,8 +337,7 @@ def test_step_strided_inputs_and_layer_cache(monkeypatch):
     calls = []
     monkeypatch.setattr(mi, "_step_picks_triton", lambda *a: calls.append(1) or True)   # CPU: interpreter
     torch.manual_seed(0)
-    m = Mamba3(16, d_state=8, headdim=4, is_mimo=True, mimo_rank=2, ngroups=2, is_outproj_norm=True,
-               chunk_size=4).to(DEV)
+    m = Mamba3(16, d_state=8, headdim=4, is_mimo=True, mimo_rank=2, ngroups=2, chunk_size=4, **opts).to(DEV)
     u = torch.randn(2, 3, 16, device=DEV)
     with torch.no_grad():
         y_seq = m(u)
