@@ -106,6 +106,47 @@ def test_opcheck_fwd_bwd_step():
     torch.library.opcheck(torch.ops.mamba3.siso_step, tuple(one.values()) + tuple(t.clone() for t in st))
 
 
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("gate", [False, True])
+def test_fused_op_equals_chunked_forward_and_final_state(with_state, gate):
+    xs, st = inputs(T=13)
+    if not gate:
+        xs["D"] = xs["z"] = None
+    init = st if with_state else None
+    got = torch.ops.mamba3.siso_fused(*xs.values(), *(st if with_state else (None,) * 4), 4)
+    y, fin = mamba3_siso(*xs.values(), initial_state=init, return_final_state=True, chunk_size=4, impl="chunked")
+    for a, b in zip(got, (y, *fin)):
+        assert a.dtype == b.dtype and a.is_contiguous()
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.library.opcheck(torch.ops.mamba3.siso_fused, (*xs.values(), *(st if with_state else (None,) * 4), 4))
+
+
+def test_op_path_is_one_fused_op_in_inference_and_the_core_op_with_autograd():
+    """mamba3_siso_op: grad mode off (or no input requiring grad) -> mamba3::siso_fused alone;
+    recording autograd -> PyTorch preparation around mamba3::siso_fwd. Same values."""
+    xs, st = inputs(dtype=torch.float32, T=21)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    def f(xs, st):
+        y, fin = mamba3_siso_op(*xs.values(), initial_state=st, return_final_state=True, chunk_size=8)
+        return (y, *fin)
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        inf = torch.compile(f, fullgraph=True, backend=backend)(xs, st)
+    assert "mamba3.siso_fused" in graphs[-1] and "siso_fwd" not in graphs[-1]
+    leaves = {n: t.clone().requires_grad_(True) for n, t in xs.items()}
+    train = torch.compile(f, fullgraph=True, backend=backend)(leaves, st)
+    assert "mamba3.siso_fwd" in graphs[-1] and "siso_fused" not in graphs[-1]
+    torch._dynamo.reset()
+    for a, b in zip(inf, train):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-5)
+
+
 def test_step_op_updates_state_in_place_like_reference():
     xs, st = inputs(T=1)
     one = {n: (t[:, 0] if t.dim() >= 3 and n not in ("q_bias", "k_bias") else t) for n, t in xs.items()}
@@ -249,5 +290,20 @@ def test_ops_on_triton_kernels_under_interpreter_match_pytorch_form():
         y_ref, new = mamba3_siso_step_reference(*args, st)
         torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(mine.ssm, new.ssm, rtol=1e-4, atol=1e-4)
+        # the whole fused forward (triton_siso) as mamba3::siso_fused; v and z strided views of one
+        # tensor as the layer passes them
+        from mamba3.ops.mamba3.chunked import mamba3_siso_chunked
+        T, S = 40, 4
+        zx = torch.randn(B, T, 2, H, P)
+        dt = torch.rand(B, T, H) * 0.3 + 0.05
+        args = (torch.randn(B, T, G, N), torch.randn(B, T, G, N), zx[:, :, 1], -0.7 * dt, dt, torch.randn(B, T, H),
+                1 + 0.1 * torch.randn(H, N), 1 + 0.1 * torch.randn(H, N), torch.randn(B, T, S), torch.randn(H),
+                zx[:, :, 0])
+        st = Mamba3State(torch.rand(B, H, S), torch.randn(B, H, P, N), torch.randn(B, H, N), torch.randn(B, H, P))
+        for init in (None, st):
+            got = torch.ops.mamba3.siso_fused(*args, *(init if init is not None else (None,) * 4), C)
+            y, fin = mamba3_siso_chunked(*args, initial_state=init, return_final_state=True, chunk_size=C)
+            for a, b in zip(got, (y, *fin)):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         print("ok")
     """, env={"TRITON_INTERPRET": "1"})

@@ -3,10 +3,12 @@
 Batch B, n prompt tokens then n generated tokens, wall clock. The fast path:
   * prefill through the mixers' parallel kernels, in slices of ``prefill_chunk`` tokens that
     continue from the cache (bounded activation memory at 16K x 128; the paper used two halves),
-    computing logits only for the last position;
+    computing logits only for the last position; with ``compile`` (``--compile``) each slice is
+    one torch.compile'd whole-model forward (static shapes: one compilation per slice length),
+    Inductor fusing the elementwise work between the GEMMs and the SSM op;
   * decode: the whole-model step captured once in a CUDA graph and replayed, greedy sampling on
-    the GPU, no host synchronisation per token; with ``compile`` (``--compile``) the step is
-    torch.compile'd first, so the graph replays Inductor's fused kernels.
+    the GPU, no host synchronisation per token; with ``compile`` the step is torch.compile'd
+    first, so the graph replays Inductor's fused kernels.
 Long decodes may be measured over ``decode_steps`` < n and extrapolated linearly (per-step cost
 is flat in n for SSMs); the result says so.
 """
@@ -26,13 +28,21 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def prefill_slice(model: LanguageModel, ids: torch.Tensor, cache) -> torch.Tensor:
+    """Consume ids [B, t] continuing from ``cache`` (updated in place); returns the residual stream
+    at the last position [B, D]."""
+    return model.hidden_states(ids, cache=cache)[:, -1]
+
+
 @torch.no_grad()
-def prefill(model: LanguageModel, prompt: torch.Tensor, cache, chunk: int) -> torch.Tensor:
-    """Consume prompt [B, n] in slices continuing from ``cache``; returns last-token logits [B, V]."""
+def prefill(model: LanguageModel, prompt: torch.Tensor, cache, chunk: int, compile=False) -> torch.Tensor:
+    """Consume prompt [B, n] in slices continuing from ``cache``; returns last-token logits [B, V].
+    compile: run each slice through :func:`compiled_prefill_slice` (True = Inductor, or a backend)."""
+    fn = _compiled_fn(prefill_slice, compile) if compile else prefill_slice
     h = None
     for start in range(0, prompt.shape[1], chunk):
-        h = model.hidden_states(prompt[:, start : start + chunk], cache=cache)
-    return model.logits_from_hidden(h[:, -1])
+        h = fn(model, prompt[:, start : start + chunk], cache)
+    return model.logits_from_hidden(h)
 
 
 def greedy_step(model: LanguageModel, tok: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,14 +55,28 @@ def greedy_step(model: LanguageModel, tok: torch.Tensor, cache) -> tuple[torch.T
 _compiled: dict = {}
 
 
+def _compiled_fn(fn, backend):
+    """``fn`` under torch.compile (fullgraph, static shapes), one wrapper per (fn, backend) for the
+    process; dynamo specialises it per model and shapes. backend True = "inductor"."""
+    backend = "inductor" if backend is True else backend
+    if (fn, backend) not in _compiled:
+        _compiled[fn, backend] = torch.compile(fn, fullgraph=True, dynamic=False, backend=backend)
+    return _compiled[fn, backend]
+
+
 def compiled_greedy_step(backend: str = "inductor"):
-    """``greedy_step`` under torch.compile (fullgraph, static shapes). With Inductor the
-    elementwise work between the GEMMs and the SSM step op (a registered custom op, opaque to
-    Inductor, its state updates done in place) is fused into a few kernels per layer. One wrapper
-    per backend for the process; dynamo specialises it per model and shapes."""
-    if backend not in _compiled:
-        _compiled[backend] = torch.compile(greedy_step, fullgraph=True, dynamic=False, backend=backend)
-    return _compiled[backend]
+    """``greedy_step`` under torch.compile. With Inductor the elementwise work between the GEMMs
+    and the SSM step op (a registered custom op, opaque to Inductor, its state updates done in
+    place) is fused into a few kernels per layer."""
+    return _compiled_fn(greedy_step, backend)
+
+
+def compiled_prefill_slice(backend: str = "inductor"):
+    """:func:`prefill_slice` under torch.compile: the whole-model forward of one slice. The SSM
+    is the ``mamba3::siso_fused`` custom op (the fused Triton forward, opaque to Inductor); the
+    norms, residual adds, casts, dt / decay math and the MLP gate fuse around the GEMMs, and the
+    cache writes become the graph's input mutations."""
+    return _compiled_fn(prefill_slice, backend)
 
 
 class GraphDecoder:
@@ -67,7 +91,7 @@ class GraphDecoder:
         self.model, self.cache = model, cache
         self.step_fn = greedy_step
         if compile:
-            self.step_fn = compiled_greedy_step("inductor" if compile is True else compile)
+            self.step_fn = _compiled_fn(greedy_step, compile)
         self.logits = None
         self.tok = first_token.clone()
         self.graph = None
@@ -104,15 +128,16 @@ class GraphDecoder:
 def fast_generate(model: LanguageModel, prompt: torch.Tensor, new_tokens: int, *, prefill_chunk: int = 2048,
                   use_cuda_graph: Optional[bool] = None, state_dtype=None, compile: bool = False) -> dict:
     """Greedy generation on the fast path; returns tokens [B, new_tokens] and phase timings.
-    compile: torch.compile the decode step (see :class:`GraphDecoder`); capture_s then includes
-    the compilation on a model's first call."""
+    compile: torch.compile the prefill slices and the decode step (True = Inductor, or a backend;
+    see :func:`prefill`, :class:`GraphDecoder`); on a model's first call at a prompt length
+    prefill_s includes the prefill compilation and capture_s the step's."""
     device = prompt.device
     use_cuda_graph = device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
     B, n = prompt.shape
     cache = model.allocate_inference_cache(B, n + new_tokens + 1, state_dtype=state_dtype)
     _sync(device)
     t0 = time.perf_counter()
-    first = prefill(model, prompt, cache, prefill_chunk).argmax(-1)
+    first = prefill(model, prompt, cache, prefill_chunk, compile=compile).argmax(-1)
     _sync(device)
     t1 = time.perf_counter()
     out = torch.empty(B, new_tokens, dtype=torch.long, device=device)
@@ -140,7 +165,8 @@ def run_config(preset: str, n: int, *, batch: int = 128, decode_steps: Optional[
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     kw = dict(prefill_chunk=prefill_chunk, state_dtype=state_dtype, compile=compile)
-    fast_generate(model, prompt[:, : min(n, 256)], 4, **kw)  # warm-up (and compilation)
+    # warm-up (and compilation: prefill compiles per slice length, hence the whole prompt)
+    fast_generate(model, prompt if compile else prompt[:, : min(n, 256)], 4, **kw)
     runs = [fast_generate(model, prompt, steps, **kw) for _ in range(reps)]
     mean = lambda k: sum(r[k] for r in runs) / len(runs)
     ms = mean("decode_ms_per_step")
@@ -153,7 +179,7 @@ def run_config(preset: str, n: int, *, batch: int = 128, decode_steps: Optional[
     if torch.device(device).type == "cuda":
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     del model
-    if compile:  # drop this model's compiled step (dynamo caps the compiled variants of one function)
+    if compile:  # drop this model's compiled code (dynamo caps the compiled variants of one function)
         torch._dynamo.reset()
     return row
 
@@ -215,7 +241,7 @@ def add_arguments(p) -> None:
     p.add_argument("--state-dtype", default=None, help="float32 (default) or bfloat16 SSM state")
     p.add_argument("--prefill-chunk", type=int, default=2048)
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the whole-model decode step (Inductor fuses the elementwise ops) "
-                        "before the CUDA-graph capture")
+                   help="torch.compile the whole-model prefill slices and decode step (Inductor fuses the "
+                        "elementwise ops; the step before the CUDA-graph capture)")
     p.add_argument("--out", default=None)
     p.add_argument("--png", default=None)

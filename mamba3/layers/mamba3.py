@@ -23,7 +23,7 @@ from ..ops.mamba3.common import rotate_halves, rotate_interleaved
 from ..ops.utils import check_same_device, check_tensor, seq_lengths
 from .sizes import check_positive_ints, split_heads
 from .cache import LayerCache, check_cache, check_input_tensor, checked_allocate
-from .norm import RMSNormGated, rms_norm, rms_normalize, scale_cast
+from .norm import RMSNormGated, rms_normalize, scale_cast
 
 ROPE_MODES = ("data", "fixed", "none")
 A_ACTIVATIONS = ("softplus", "heavy_tail")
@@ -156,46 +156,58 @@ class Mamba3(nn.Module):
 
     # ----------------------------------------------------------------------------------------
     def _project(self, u: Tensor, cache: Optional[Mamba3Cache], cu_seqlens: Optional[Tensor], step: bool):
-        """in_proj and everything before the SSM. u: [B, T, D]. Returns a dict of op inputs."""
+        """in_proj and everything before the SSM. u: [B, T, D]. Returns a dict of op inputs.
+
+        Casts are folded into promoting ops and B, C are normalised in one ``F.rms_norm``: a
+        prefill pays one pass over the tensor per op. In inference (no weight gradient) z and x
+        come from GEMMs of their own, so the op gets them contiguous instead of copying strided
+        views of one [B, T, W] output (two passes over [B, T, d_inner] each)."""
         Bsz, T, _ = u.shape
         H, P, N, G, R, S = self.nheads, self.headdim, self.d_state, self.ngroups, self.mimo_rank, self.num_rope_angles
-        zxbcdt = self.in_proj(u)
-        z, xBC, dd_dt, dd_A, trap, ang = torch.split(
-            zxbcdt, [self.d_inner, self.d_inner + 2 * N * G * R, H, H, H, S], dim=-1)
-        if self.d_conv > 0:
-            w, b = self.conv1d.weight[:, 0], self.conv1d.bias
-            if step:
-                xBC = causal_conv1d_step(xBC[:, 0], w, b, cache.conv, activation="silu").unsqueeze(1)
-            else:
-                xBC, conv_final = causal_conv1d(xBC, w, b, activation="silu",
-                                                initial_state=None if cache is None else cache.conv,
-                                                return_final_state=cache is not None, cu_seqlens=cu_seqlens)
-                if cache is not None:
-                    cache.conv.copy_(conv_final)
-        x, Bp, Cp = torch.split(xBC, [self.d_inner, N * G * R, N * G * R], dim=-1)
+        di, NG = self.d_inner, N * G * R
+        if self.d_conv == 0 and not step and not (torch.is_grad_enabled() and self.in_proj.weight.requires_grad):
+            w = self.in_proj.weight
+            z, x, rest = F.linear(u, w[:di]), F.linear(u, w[di : 2 * di]), F.linear(u, w[2 * di :])
+            BC, dd_dt, dd_A, trap, ang = torch.split(rest, [2 * NG, H, H, H, S], dim=-1)
+        else:
+            zxbcdt = self.in_proj(u)
+            z, xBC, dd_dt, dd_A, trap, ang = torch.split(zxbcdt, [di, di + 2 * NG, H, H, H, S], dim=-1)
+            if self.d_conv > 0:
+                w, b = self.conv1d.weight[:, 0], self.conv1d.bias
+                if step:
+                    xBC = causal_conv1d_step(xBC[:, 0], w, b, cache.conv, activation="silu").unsqueeze(1)
+                else:
+                    xBC, conv_final = causal_conv1d(xBC, w, b, activation="silu",
+                                                    initial_state=None if cache is None else cache.conv,
+                                                    return_final_state=cache is not None, cu_seqlens=cu_seqlens)
+                    if cache is not None:
+                        cache.conv.copy_(conv_final)
+            x, BC = torch.split(xBC, [di, 2 * NG], dim=-1)
         x = x.reshape(Bsz, T, H, P)
         z = z.reshape(Bsz, T, H, P)
-        Bp = rms_norm(Bp.reshape(Bsz, T, R, G, N), self.B_norm.weight, 1e-5)
-        Cp = rms_norm(Cp.reshape(Bsz, T, R, G, N), self.C_norm.weight, 1e-5)
+        bc = rms_normalize(BC.reshape(Bsz, T, 2, R, G, N), 1e-5)                  # B then C, in >= fp32
+        Bp = scale_cast(bc[:, :, 0], self.B_norm.weight, BC.dtype)
+        Cp = scale_cast(bc[:, :, 1], self.C_norm.weight, BC.dtype)
         act = F.softplus if self.a_activation == "softplus" else heavy_tail
-        A = -torch.clamp(act(_f32(dd_A)), min=self.A_floor)                      # [B, T, H], >= fp32
-        dt = F.softplus(_f32(dd_dt) + _f32(self.dt_bias))
-        trap = _f32(trap) if self.use_trapezoid else torch.full_like(_f32(trap), math.inf)
+        dt = F.softplus(_wide_add(dd_dt, self.dt_bias))                             # [B, T, H], >= fp32
+        A = -torch.clamp(act(_f32(dd_A)), min=self.A_floor)
+        if self.use_trapezoid:
+            trap = _f32(trap)
+        else:  # Euler: lambda = sigmoid(inf) = 1
+            trap = torch.full(trap.shape, math.inf, device=u.device,
+                              dtype=torch.float64 if trap.dtype == torch.float64 else torch.float32)
         if self.use_bc_bias:
-            q_bias, k_bias = self.C_bias, self.B_bias                              # [H, R, N]
+            q_bias, k_bias = _inference(self.C_bias), _inference(self.B_bias)      # [H, R, N]
         else:
             q_bias = k_bias = torch.zeros(H, R, N, device=u.device, dtype=torch.float32)
-        angles = _f32(ang)
-        if self.rope == "none":
-            angles = angles[..., :0]
-        elif self.rope == "fixed":
+        angles = _f32(ang if self.rope == "data" else ang[..., :0])                # "none"/"fixed": no op phase
+        if self.rope == "fixed":
             # Standard RoPE: the layer adds the biases and rotates by position; the op sees no phase.
             pos_phase = self._fixed_phase(Bsz, T, cache, cu_seqlens, u.device)  # [B, T, S]
             rotate = rotate_halves if self.is_mimo else rotate_interleaved  # MIMO: split-half pairs
             Bp = rotate(_add_bias_heads(Bp, k_bias), pos_phase[:, :, None, None, :])
             Cp = rotate(_add_bias_heads(Cp, q_bias), pos_phase[:, :, None, None, :])
             q_bias = k_bias = torch.zeros(H, R, N, device=u.device, dtype=torch.float32)
-            angles = angles[..., :0]
         return dict(z=z, x=x, B=Bp, C=Cp, dA=A * dt, dt=dt, trap=trap, angles=angles, q_bias=q_bias, k_bias=k_bias)
 
     def _fixed_phase(self, Bsz, T, cache, cu_seqlens, device):
@@ -255,9 +267,8 @@ class Mamba3(nn.Module):
         p = self._project(u, cache, cu_seqlens, step=False)
         y, final = mamba3_siso(
             p["C"][:, :, 0], p["B"][:, :, 0], p["x"], p["dA"], p["dt"], p["trap"], p["q_bias"][:, 0],
-            p["k_bias"][:, 0], p["angles"], self.D, None if self.is_outproj_norm else p["z"],
-            # a copy: autograd may save the state, and the cache is overwritten in place below
-            initial_state=None if cache is None else Mamba3State(*(t.clone() for t in self._op_state(cache))),
+            p["k_bias"][:, 0], p["angles"], _inference(self.D), None if self.is_outproj_norm else p["z"],
+            initial_state=None if cache is None else _saved_copy(self._op_state(cache)),
             return_final_state=cache is not None,
             cu_seqlens=cu_seqlens, chunk_size=self.chunk_size, impl=self.impl)
         if cache is not None:  # caches hold inference state: never part of the autograd graph
@@ -349,8 +360,7 @@ class Mamba3(nn.Module):
         state = None
         if cache is not None:
             angle = cache.angle if self.rope == "data" else cache.angle[..., :0]
-            # a copy: autograd may save the state, and the cache is overwritten in place below
-            state = Mamba3State(angle=angle.clone(), ssm=cache.ssm.clone(), k=cache.k.clone(), v=cache.v.clone())
+            state = _saved_copy(Mamba3State(angle=angle, ssm=cache.ssm, k=cache.k, v=cache.v))
         norm = {}
         if self.is_outproj_norm:
             norm = dict(outproj_norm_weight=self.norm.weight.view(self.nheads, self.headdim),
@@ -388,6 +398,19 @@ class Mamba3(nn.Module):
 def _f32(t: Tensor) -> Tensor:
     """Upcast to float32, keeping float64 (the reference precision) as it is."""
     return t if t.dtype == torch.float64 else t.float()
+
+
+def _inference(param: Tensor) -> Tensor:
+    """``param`` detached when autograd is not recording: an autograd.Function (the Triton SISO
+    forward) sees a parameter's requires_grad even under no_grad and would save its backward's
+    tensors (the pre-gate output and every chunk's state: extra passes over memory)."""
+    return param if torch.is_grad_enabled() else param.detach()
+
+
+def _saved_copy(state: Mamba3State) -> Mamba3State:
+    """The cache's state as an op's initial state: a copy when autograd is recording (it may save
+    the state, and the cache is overwritten in place after the op), the cache's tensors otherwise."""
+    return Mamba3State(*(t.clone() for t in state)) if torch.is_grad_enabled() else state
 
 
 def _wide_add(a: Tensor, b: Tensor) -> Tensor:

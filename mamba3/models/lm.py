@@ -59,18 +59,19 @@ class Block(nn.Module):
             self.norm2 = self.mlp = None
 
     def _branch_in(self, norm: RMSNorm, h: Tensor) -> Tensor:
+        """The branch input in the model dtype, as plain ops (``forward`` uses :func:`_norm_in`)."""
         return norm(h).to(norm.weight.dtype)
 
     def forward(self, h: Tensor, cache=None, cu_seqlens: Optional[Tensor] = None) -> Tensor:
-        """h: residual stream [B, T, D] (fp32 when residual_in_fp32)."""
-        h = h + self.mixer(self._branch_in(self.norm, h), cache=cache, cu_seqlens=cu_seqlens).to(h.dtype)
+        """h: residual stream [B, T, D] (fp32 when residual_in_fp32). Casts are folded into the
+        norm's scale and the residual add: each pass over [B, T, D] is a kernel of its own."""
+        h = _residual_add(h, self.mixer(_norm_in(self.norm, h), cache=cache, cu_seqlens=cu_seqlens))
         if self.mlp is not None:
-            h = h + self.mlp(self._branch_in(self.norm2, h)).to(h.dtype)
+            h = _residual_add(h, self.mlp(_norm_in(self.norm2, h)))
         return h
 
     def step(self, h: Tensor, cache) -> Tensor:
-        """h: [B, D] one decode token (the values of ``forward``; casts folded into the norm's
-        scale and the residual add, which a decode step pays per kernel)."""
+        """h: [B, D] one decode token (the values of ``forward``)."""
         h = _residual_add(h, self.mixer.step(_norm_in(self.norm, h), cache))
         if self.mlp is not None:
             h = _residual_add(h, self.mlp(_norm_in(self.norm2, h)))
@@ -78,7 +79,7 @@ class Block(nn.Module):
 
 
 def _norm_in(norm: RMSNorm, h: Tensor) -> Tensor:
-    """``norm(h).to(norm.weight.dtype)`` (Block._branch_in) in two kernels."""
+    """``norm(h).to(norm.weight.dtype)`` in two kernels (fused F.rms_norm, then scale and cast)."""
     return rms_norm_cast(h, norm.weight, norm.eps, norm.weight.dtype)
 
 
@@ -172,7 +173,7 @@ class LanguageModel(nn.Module):
                                  f"got values in [{lo}, {hi}]")
 
     def logits_from_hidden(self, h: Tensor) -> Tensor:
-        x = self.backbone.norm_f(h).to(self.lm_head.weight.dtype)
+        x = _norm_in(self.backbone.norm_f, h).to(self.lm_head.weight.dtype)
         return self.lm_head(x)[..., : self.config.vocab_size]
 
     def hidden_states(self, input_ids: Tensor, cache: Optional[InferenceCache] = None,
@@ -229,8 +230,7 @@ class LanguageModel(nn.Module):
         for i, block in enumerate(self.backbone.layers):
             h = block.step(h, cache.layers[i])
         cache.advance(1)
-        x = _norm_in(self.backbone.norm_f, h).to(self.lm_head.weight.dtype)   # logits_from_hidden, fewer kernels
-        return self.lm_head(x)[..., : self.config.vocab_size]
+        return self.logits_from_hidden(h)
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, *, dtype=None,
                                  state_dtype=None, device=None) -> InferenceCache:

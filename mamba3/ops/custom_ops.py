@@ -14,12 +14,17 @@ the same math, so the registrations import and run without triton or CUDA):
         its gradients (triton_siso_bwd.ssd_core_bwd); the autograd formula of siso_fwd.
     mamba3::siso_step(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D?, z?, angle!, ssm!, k!, v!)
         -> y: one decode token, the four state tensors updated in place (declared mutated).
+    mamba3::siso_fused(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D?, z?, a0?, s0?, k0?, v0?,
+                       chunk_size) -> (y, angle, ssm, k, v): the whole SISO forward and its final
+        state, no autograd (inference: prefill). CUDA: the fused Triton forward of
+        ``triton_siso.mamba3_siso_triton`` (preparation pre-pass + SSD core with skip and gate).
 
 :func:`mamba3_siso_op` / :func:`mamba3_siso_step_op` have the signatures of ``mamba3_siso`` /
-``mamba3_siso_step``: the per-token preparation (biases, phase, rotation, trapezoid scale, skip,
-gate) is plain PyTorch that compiles normally; only the core is an op. ``interface.py`` routes its
-Triton branch here while ``torch.compiler.is_compiling()`` (eager CUDA keeps the fused kernels;
-CPU is unchanged).
+``mamba3_siso_step``. With autograd recording (or packed sequences) the per-token preparation
+(biases, phase, rotation, trapezoid scale, skip, gate) is plain PyTorch that compiles normally and
+only the core is an op; in inference the whole forward is ``mamba3::siso_fused``. ``interface.py``
+routes its Triton branch here while ``torch.compiler.is_compiling()`` (eager CUDA keeps the fused
+kernels; CPU is unchanged).
 """
 from __future__ import annotations
 
@@ -220,16 +225,54 @@ def _(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, angle, ssm, k_state, 
     return torch.empty_like(v)
 
 
+@torch.library.custom_op("mamba3::siso_fused", mutates_args=())
+def siso_fused(q: Tensor, k: Tensor, v: Tensor, dA: Tensor, dt: Tensor, trap: Tensor, q_bias: Tensor,
+               k_bias: Tensor, angles: Tensor, D: Optional[Tensor], z: Optional[Tensor], a0: Optional[Tensor],
+               s0: Optional[Tensor], k0: Optional[Tensor], v0: Optional[Tensor],
+               chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # detached: an autograd.Function sees requires_grad (parameters) even under no_grad, and the
+    # Triton forward would then save its backward's tensors (pre-gate output, chunk states)
+    d = lambda t: None if t is None else t.detach()
+    init = None if s0 is None else Mamba3State(d(a0), d(s0), d(k0), d(v0))
+    args = tuple(map(d, (q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z)))
+    with torch.no_grad():
+        if _on_triton(v) and chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0:  # the kernels' chunks
+            from .mamba3.triton_siso import mamba3_siso_triton
+            y, fin = mamba3_siso_triton(*args, initial_state=init, return_final_state=True, chunk_size=chunk_size)
+        else:
+            y, fin = mamba3_siso_chunked(*args, initial_state=init, return_final_state=True, chunk_size=chunk_size)
+    wd = _wide(v.dtype)
+    outs = tuple(t.to(dt_).contiguous() for t, dt_ in zip((y, *fin), (v.dtype, wd, wd, v.dtype, v.dtype)))
+    # an op's outputs may not alias its inputs (a state passed through, a zero-size phase)
+    ins = {t.untyped_storage().data_ptr() for t in (*args, *(init or ())) if t is not None}
+    return tuple(t.clone() if t.untyped_storage().data_ptr() in ins else t for t in outs)
+
+
+@siso_fused.register_fake
+def _(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, a0, s0, k0, v0, chunk_size):
+    B, _, H, P = v.shape
+    N, S, wd = q.shape[-1], angles.shape[-1], _wide(v.dtype)
+    return (v.new_empty(v.shape), v.new_empty(B, H, S, dtype=wd), v.new_empty(B, H, P, N, dtype=wd),
+            v.new_empty(B, H, N), v.new_empty(B, H, P))
+
+
 # ------------------------------------------------------------------------------ op-level API
 def mamba3_siso_op(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D=None, z=None, *,
                    initial_state: Optional[Mamba3State] = None, return_final_state: bool = False,
                    cu_seqlens: Optional[Tensor] = None, chunk_size: int = 64):
-    """Mamba-3 SISO through ``mamba3::siso_fwd`` (signature and results of ``mamba3_siso``;
-    inputs are assumed validated). Varlen reads the sequence lengths on the host (one graph break)."""
+    """Mamba-3 SISO through the ops (signature and results of ``mamba3_siso``; inputs are assumed
+    validated): in inference (no input requires grad, or grad mode off) and without packed
+    sequences one ``mamba3::siso_fused``, else PyTorch preparation around ``mamba3::siso_fwd``.
+    Varlen reads the sequence lengths on the host (one graph break)."""
     if v.shape[1] == 0:
         return mamba3_siso_chunked(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state=initial_state,
                                    return_final_state=return_final_state, cu_seqlens=cu_seqlens,
                                    chunk_size=chunk_size)
+    state = tuple(initial_state) if initial_state is not None else (None,) * 4
+    ins = (q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z) + state
+    if cu_seqlens is None and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ins)):
+        y, *fin = siso_fused(*ins, chunk_size)
+        return y, (Mamba3State(*fin) if return_final_state else None)
     if cu_seqlens is None:
         return _forward(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state,
                         return_final_state, chunk_size, None)

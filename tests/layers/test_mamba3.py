@@ -74,10 +74,32 @@ def make(**kw):
 
 @pytest.mark.parametrize("kw", [dict(), dict(rope_fraction=1.0), dict(ngroups=2), dict(is_outproj_norm=True),
                                 dict(rope_fraction=1.0, ngroups=2, is_outproj_norm=True)])
-def test_layer_matches_hand_written(kw):
+@pytest.mark.parametrize("grad", [True, False])
+def test_layer_matches_hand_written(kw, grad):
+    """grad=False is the inference form (z, x and the rest of in_proj as separate GEMMs)."""
     m = make(**kw)
     u = torch.randn(2, 11, 16, dtype=torch.float64)
-    torch.testing.assert_close(m(u), hand_written(m, u), atol=1e-10, rtol=0)
+    with torch.set_grad_enabled(grad):
+        torch.testing.assert_close(m(u), hand_written(m, u), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(rope="fixed", use_trapezoid=False), dict(d_conv=4),
+                                dict(is_mimo=True, mimo_rank=2)])
+def test_inference_continuation_equals_training_form_and_writes_cache_in_place(kw):
+    """No grad: the cache's own tensors are the op's initial state (no copies) and are overwritten
+    in place afterwards; the results equal the autograd-recording form (which copies the state)."""
+    m = make(**kw)
+    u = torch.randn(2, 13, 16, dtype=torch.float64)
+    c_inf, c_ref = m.allocate_inference_cache(2), m.allocate_inference_cache(2)
+    ptrs = [t.data_ptr() for _, t in c_inf.tensors()]
+    with torch.no_grad():
+        y_inf = torch.cat([m(u[:, :6], cache=c_inf), m(u[:, 6:], cache=c_inf)], 1)
+    y_ref = torch.cat([m(u[:, :6], cache=c_ref), m(u[:, 6:], cache=c_ref)], 1)
+    assert y_ref.requires_grad and not y_inf.requires_grad
+    torch.testing.assert_close(y_inf, y_ref, atol=1e-12, rtol=0)
+    for (name, a), (_, b) in zip(c_inf.tensors(), c_ref.tensors()):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0, msg=name)
+    assert [t.data_ptr() for _, t in c_inf.tensors()] == ptrs
 
 
 def test_official_state_dict_layout_and_init():
@@ -207,3 +229,31 @@ def test_snapshot_restore_resumes_exactly():
 
 def snap_rows(snap, rows):
     return {k: v[rows] for k, v in snap.items()}
+
+
+def test_inference_forward_asks_the_triton_op_to_save_nothing(monkeypatch):
+    """Under no_grad the Triton SISO forward is asked for no saved tensors (an autograd.Function
+    sees a parameter's requires_grad even under no_grad): the eager layer and the fused custom op.
+    While recording autograd it saves. On CPU the kernels run under the Triton interpreter."""
+    pytest.importorskip("triton")
+    from mamba3.ops.mamba3 import interface, triton_siso
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cpu":
+        monkeypatch.setattr(interface, "triton_available", lambda device: True)
+    seen = []
+    real = triton_siso.mamba3_fused_fwd
+    monkeypatch.setattr(triton_siso, "mamba3_fused_fwd", lambda *a, **k: seen.append(k["save_pre"]) or real(*a, **k))
+    torch.manual_seed(0)
+    m = Mamba3(16, d_state=16, headdim=8, chunk_size=16, device=dev)
+    u = torch.randn(1, 20, 16, device=dev)
+    cache = m.allocate_inference_cache(1)
+    with torch.no_grad():
+        y = m(u, cache=cache)
+        p = m._project(u, None, None, step=False)
+        got = torch.ops.mamba3.siso_fused(p["C"][:, :, 0], p["B"][:, :, 0], p["x"], p["dA"], p["dt"], p["trap"],
+                                          m.C_bias[:, 0], m.B_bias[:, 0], p["angles"], m.D, p["z"], None, None,
+                                          None, None, 16)
+    assert seen == [False, False]
+    torch.testing.assert_close(m.out_proj(got[0].flatten(-2)), y, rtol=1e-5, atol=1e-5)
+    m(u).sum().backward()
+    assert seen == [False, False, True]
