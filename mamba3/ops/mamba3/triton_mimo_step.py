@@ -73,7 +73,7 @@ def _mimo_step_kernel(Q, K, V, dA, DT, TRAP, QB, KB, ANG, PSI, ZETA, PHI, D, Z, 
     x = tl.load(V + b * v_sb + h * P + p, mask=pmask, other=0.0).to(tl.float32)
     v_prev = tl.load(ST_V + bh * P + p, mask=pmask, other=0.0).to(tl.float32)
     smask = pmask[:, None] & nmask[None, :]
-    sptr = ST_SSM + bh * P * N + p[:, None] * N + n[None, :]
+    sptr = ST_SSM + bh.to(tl.int64) * P * N + p[:, None] * N + n[None, :]   # > 2^31 state elements
     s = alpha * tl.load(sptr, mask=smask, other=0.0).to(tl.float32)
     for r in tl.static_range(R):
         psi = tl.load(PSI + (h * R + r) * P + p, mask=pmask, other=0.0).to(tl.float32)
