@@ -107,6 +107,15 @@ class Mamba2(nn.Module):
     def _split(self, zxbcdt: Tensor):
         return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
 
+    def _in_proj(self, u: Tensor):
+        """in_proj as three matmuls over the row blocks of its weight: z, xBC, dt come out
+        contiguous (the conv and the norm run ~2x faster on contiguous inputs than on column
+        slices of one [.., 2 d_inner + 2GN + H] output; same FLOPs)."""
+        sizes = [self.d_inner, self.conv_dim, self.nheads]
+        ws = torch.split(self.in_proj.weight, sizes)
+        bs = (None,) * 3 if self.in_proj.bias is None else torch.split(self.in_proj.bias, sizes)
+        return tuple(F.linear(u, w, b) for w, b in zip(ws, bs))
+
     def _ssm_inputs(self, xBC: Tensor, dt_raw: Tensor):
         """xBC [..., conv_dim] after the conv; dt_raw [..., H] -> x [.., H, P], B, C [.., G, N], dt, A, D."""
         G, N = self.ngroups, self.d_state
@@ -138,12 +147,11 @@ class Mamba2(nn.Module):
         if cache is not None:
             check_cache(cache, Mamba2Cache, nseq, "input (number of sequences)")
         Bsz, T, _ = u.shape
-        z, xBC, dt_raw = self._split(self.in_proj(u))
+        z, xBC, dt_raw = self._in_proj(u)
         xBC, conv_final = causal_conv1d(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu",
                                         initial_state=None if cache is None else cache.conv,
                                         return_final_state=cache is not None, cu_seqlens=cu_seqlens)
-        # The conv returns a channel-major view; time-major memory makes everything after it faster.
-        x, Bp, Cp, dt, A, D = self._ssm_inputs(xBC.contiguous(), dt_raw)
+        x, Bp, Cp, dt, A, D = self._ssm_inputs(xBC, dt_raw)
         gate = None if self.rmsnorm else z.unflatten(-1, (self.nheads, self.headdim))
         y, final = ssd(x, dt, A, Bp, Cp, D, gate, initial_state=None if cache is None else cache.ssm,
                        return_final_state=cache is not None, cu_seqlens=cu_seqlens, chunk_size=self.chunk_size,

@@ -55,7 +55,8 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, a
     wd = weight.to(x.dtype)
     bd = None if bias is None else bias.to(x.dtype)
     prefix = None if initial_state is None else initial_state.to(x.dtype)
-    y = _CausalConv.apply(x, wd, bd, prefix, activation == "silu")
+    # Column slices of a wider tensor: one copy is cheaper than W strided multiply-adds.
+    y = _CausalConv.apply(x if x.is_contiguous() else x.contiguous(), wd, bd, prefix, activation == "silu")
     final = None
     if return_final_state:  # the last W - 1 inputs, oldest first
         if T >= W - 1:
@@ -84,16 +85,17 @@ class _CausalConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, prefix, silu):
         W = w.shape[1]
+        wt = w.t().contiguous()                                             # [W, C]: contiguous taps
         pre = None if prefix is None else prefix.transpose(1, 2)            # [B, W-1, C]
-        a = torch.mul(x, w[:, W - 1]) if b is None else torch.addcmul(b, x, w[:, W - 1])
+        a = torch.mul(x, wt[W - 1]) if b is None else torch.addcmul(b, x, wt[W - 1])
         for j, xs, head in _shifted_taps(x, pre, W):
             if xs.shape[1]:
-                a[:, j:].addcmul_(xs, w[:, W - 1 - j])
+                a[:, j:].addcmul_(xs, wt[W - 1 - j])
             if head is not None:
-                a[:, : head.shape[1]].addcmul_(head, w[:, W - 1 - j])
+                a[:, : head.shape[1]].addcmul_(head, wt[W - 1 - j])
         train = any(ctx.needs_input_grad)
         if train:
-            ctx.save_for_backward(x, w, pre, a)
+            ctx.save_for_backward(x, wt, pre, a)
             ctx.has = (b is not None, silu)
         if not silu:
             return a
@@ -101,32 +103,33 @@ class _CausalConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, w, pre, a = ctx.saved_tensors
+        x, wt, pre, a = ctx.saved_tensors
         has_b, silu = ctx.has
-        W = w.shape[1]
+        W = wt.shape[0]
         da = torch.ops.aten.silu_backward(dy, a) if silu else dy
         dx = dw = db = dpre = None
         if ctx.needs_input_grad[0]:
-            dx = da * w[:, W - 1]
+            dx = da * wt[W - 1]
             for j in range(1, min(W, x.shape[1] + 1)):
-                dx[:, :-j].addcmul_(da[:, j:], w[:, W - 1 - j])
+                dx[:, :-j].addcmul_(da[:, j:], wt[W - 1 - j])
         if ctx.needs_input_grad[1]:
-            dw = torch.empty_like(w)
+            dwt = torch.empty_like(wt)
             buf = torch.mul(x, da)
-            dw[:, W - 1] = buf.sum((0, 1))
+            dwt[W - 1] = buf.sum((0, 1))
             for j, xs, head in _shifted_taps(x, pre, W):
                 n = xs.shape[1]
-                acc = torch.mul(xs, da[:, j:], out=buf[:, :n]).sum((0, 1)) if n else torch.zeros_like(w[:, 0])
+                acc = torch.mul(xs, da[:, j:], out=buf[:, :n]).sum((0, 1)) if n else torch.zeros_like(wt[0])
                 if head is not None:
                     acc = acc + (head * da[:, : head.shape[1]]).sum((0, 1))
-                dw[:, W - 1 - j] = acc
+                dwt[W - 1 - j] = acc
+            dw = dwt.t()
         if has_b and ctx.needs_input_grad[2]:
             db = da.sum((0, 1))
         if pre is not None and ctx.needs_input_grad[3]:
             dpre = torch.zeros_like(pre)                                      # [B, W-1, C]
             for j in range(1, W):
                 n = min(j, x.shape[1])
-                dpre[:, W - 1 - j : W - 1 - j + n].addcmul_(da[:, :n], w[:, W - 1 - j])
+                dpre[:, W - 1 - j : W - 1 - j + n].addcmul_(da[:, :n], wt[W - 1 - j])
             dpre = dpre.transpose(1, 2)
         return dx, dw, db, dpre, None
 

@@ -5,12 +5,14 @@ Per head, inside a chunk of L tokens with l = inclusive cumsum of dt*A and xd = 
     S_out = exp(l_last) S_in + sum_s exp(l_last - l_s) xd_s B_s^T,
 a masked quadratic ("attention-like") form inside the chunk and a short scan over chunks.
 
-The quadratic form is evaluated in Q-token tiles (Q = SUBCHUNK, when it divides the chunk), and
+The quadratic form is evaluated in Q-token tiles (Q = SUBCHUNK, when L/Q is a power of two), and
 every tile is one matmul of the group's C.B block (shared by the group's heads) with xd of all
 those heads side by side, because the decay between two tokens factors through any token m
 between them: exp(l_t - l_s) = exp(l_t - l_m) exp(l_m - l_s), a per-head row factor times a
 per-head column factor.
-- tiles below the diagonal: for t in tile i and s < iQ, m = iQ - 1 (both factors <= 1);
+- tiles below the diagonal, by levels of halving blocks: in each block of 2h tokens the quadrant
+  of later-half rows and earlier-half columns, m = the last token of the earlier half (both
+  factors <= 1), h = L/2, L/4, ..., Q: every level is one batched matmul;
 - diagonal tiles: m = the tile's middle token, the causal mask on C.B; the factors are bounded
   by exp(+-DIAG_RANGE) when the tile's log decay on either side of m is within DIAG_RANGE, and
   the rare (tile, head) pairs beyond that are redone with their exact per-head Q x Q mask;
@@ -73,8 +75,9 @@ def _chunked(x, dt, A, B, C, D, z, initial_state, return_final_state, chunk_size
     if D is not None and D.dim() == 1:
         D = D[:, None]
     L, Q = min(chunk_size, T), SUBCHUNK
-    if L > Q and chunk_size % Q == 0:
-        L = -(-L // Q) * Q          # a short sequence: one chunk of whole tiles (<= chunk_size)
+    nb = chunk_size // Q
+    if L > Q and chunk_size % Q == 0 and nb & (nb - 1) == 0:
+        L = Q << (-(-L // Q) - 1).bit_length()   # short sequence: one chunk of 2^k tiles (<= chunk_size)
     else:
         Q = L
     y, final = _SSDChunked.apply(cast(x), cast(dt), cast(A), cast(B), cast(C), cast(D), cast(initial_state), L, Q)
@@ -134,13 +137,24 @@ class _Diag:
         bad = (du[:, 0] > lim) | (du[:, -1] < -lim)                           # [n, K]
         self.bad = bad.nonzero().unbind(1) if bool(bad.any()) else None      # (tiles, heads)
         self.u = du.clamp(-lim, lim).exp_().unsqueeze(-1)                    # [n, Q, K, 1]
-        self.v = du.neg_().clamp_(-lim, lim).exp_().unsqueeze(-1)
+        self.v = du.neg_().clamp_(-lim, lim).exp_()                          # [n, Q, K]
+        self.dt = p.dt.view(self.n, Q, K)
+        self.xs = p.xs
         self.cb = _diag_tiles(p.CB, p.nb, Q).tril().reshape(self.n, Q, Q)   # causal, shared by heads
         self.floor = p.floor
 
     def tiles(self, t: Tensor) -> Tensor:
         """[Bn, L, K, P] -> [n, Q, K, P] (a view)."""
         return t.view(self.n, self.Q, self.K, self.P)
+
+    def w(self) -> Tensor:
+        """v * xd of every tile, [n, Q, K*P] (xd = dt x)."""
+        return (self.tiles(self.xs) * (self.v * self.dt).unsqueeze(-1)).view(self.n, self.Q, self.K * self.P)
+
+    def xd_bad(self) -> Tensor:
+        """xd of the bad (tile, head) pairs, [m, Q, P]."""
+        tiles, heads = self.bad
+        return self.tiles(self.xs)[tiles, :, heads] * self.dt[tiles, :, heads].unsqueeze(-1)
 
     def exact(self):
         """The bad pairs' decay masks M [m, Q, Q] and scores M * tril(C.B)."""
@@ -149,42 +163,89 @@ class _Diag:
         M = (e.unsqueeze(-1) - e.unsqueeze(-2)).clamp_(-self.floor, 0.0).exp_()
         return M, M * self.cb[tiles]
 
-    def forward(self, xd: Tensor, y: Tensor) -> None:
+    def forward(self, y: Tensor) -> None:
         """y += the diagonal tiles' output (in place)."""
-        n, Q, KP = self.n, self.Q, self.K * self.P
-        R = torch.bmm(self.cb, (self.tiles(xd) * self.v).view(n, Q, KP)).view(n, Q, self.K, self.P)
+        n, Q = self.n, self.Q
+        R = torch.bmm(self.cb, self.w()).view(n, Q, self.K, self.P)
         if self.bad is None:
             self.tiles(y).addcmul_(R, self.u)
             return
         tiles, heads = self.bad
         R.mul_(self.u)
         _, scores = self.exact()
-        R[tiles, :, heads] = torch.bmm(scores, self.tiles(xd)[tiles, :, heads])
+        R[tiles, :, heads] = torch.bmm(scores, self.xd_bad())
         self.tiles(y).add_(R)
 
-    def backward(self, xd: Tensor, dy: Tensor, dxd: Tensor) -> Tensor:
+    def backward(self, dy: Tensor, dxd: Tensor) -> Tensor:
         """dxd += the tiles' d xd (in place); returns d tril(C.B) of the tiles [n, Q, Q]."""
         n, Q, KP = self.n, self.Q, self.K * self.P
         U = self.tiles(dy) * self.u
         if self.bad is not None:
             U[self.bad[0], :, self.bad[1]] = 0
         U = U.view(n, Q, KP)
-        dcb = torch.bmm(U, (self.tiles(xd) * self.v).view(n, Q, KP).transpose(1, 2))
-        self.tiles(dxd).addcmul_(torch.bmm(self.cb.transpose(1, 2), U).view(n, Q, self.K, self.P), self.v)
+        dcb = torch.bmm(U, self.w().transpose(1, 2))
+        self.tiles(dxd).addcmul_(torch.bmm(self.cb.transpose(1, 2), U).view(n, Q, self.K, self.P),
+                                 self.v.unsqueeze(-1))
         if self.bad is not None:
             tiles, heads = self.bad
             M, scores = self.exact()
-            dyk, xk = self.tiles(dy)[tiles, :, heads], self.tiles(xd)[tiles, :, heads]   # [m, Q, P]
+            dyk, xk = self.tiles(dy)[tiles, :, heads], self.xd_bad()                  # [m, Q, P]
             dcb.index_add_(0, tiles, torch.bmm(dyk, xk.transpose(1, 2)).mul_(M))
             self.tiles(dxd)[tiles, :, heads] += torch.bmm(scores.transpose(1, 2), dyk)
         return dcb.tril_()
 
 
-def _tile_factors(ell: Tensor, r0: int, r1: int, floor: float):
-    """Row tile [r0, r1) below the diagonal: u = exp(l_t - l_m) for its rows, v = exp(l_m - l_s)
-    for s < r0, m = r0 - 1. ell [Bn, L, K] -> u [Bn, r1-r0, K, 1], v [Bn, r0, K, 1]."""
-    em = ell[:, r0 - 1 : r0]
-    return (_exp(ell[:, r0:r1] - em, floor).unsqueeze(-1), _exp(em - ell[:, :r0], floor).unsqueeze(-1))
+class _Quadrants:
+    """One level of the below-diagonal tiling: the chunk cut into blocks of 2h tokens, and in each
+    block the h x h quadrant of later-half rows t and earlier-half columns s. The decay factors
+    through m = the block's token h - 1: u = exp(l_t - l_m) <= 1 per row, v = exp(l_m - l_s) <= 1
+    per column, so the quadrant is u * (C.B quadrant @ (v * xd)) for all the group's heads at once.
+    Levels h = L/2, L/4, ..., Q cover every tile below the diagonal exactly once."""
+
+    def __init__(self, p: "_Prep", h: int):
+        S = 2 * h
+        self.nblk, self.h, self.m = p.L // S, h, p.Bn * (p.L // S)
+        self.K, self.P = p.K, p.P
+        eb = p.ell.view(self.m, S, p.K)
+        ref = eb[:, h - 1 : h]
+        self.u = _exp(eb[:, h:] - ref, p.floor).unsqueeze(-1)                 # [m, h, K, 1]
+        v = _exp(ref - eb[:, :h], p.floor)                                     # [m, h, K]
+        self.v = v.unsqueeze(-1)
+        self.vdt = v * p.dt.view(self.m, S, p.K)[:, :h]
+        self.xs = p.xs
+        self.cbq = self.quadrant(p.CB).reshape(self.m, h, h)                   # small copy
+
+    def quadrant(self, CB: Tensor) -> Tensor:
+        """[Bn, L, L] -> the level's quadrants [Bn, nblk, h, h] (a view)."""
+        S, n = 2 * self.h, self.nblk
+        blocks = CB.view(CB.shape[0], n, S, n, S).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
+        return blocks[..., self.h :, : self.h]
+
+    def halves(self, t: Tensor):
+        """[Bn, L, K, P] -> (earlier, later) halves [m, h, K, P] of every block (views)."""
+        b = t.view(self.m, 2, self.h, self.K, self.P)
+        return b[:, 0], b[:, 1]
+
+    def w(self) -> Tensor:
+        return (self.halves(self.xs)[0] * self.vdt.unsqueeze(-1)).view(self.m, self.h, self.K * self.P)
+
+    def forward(self, y: Tensor) -> None:
+        R = torch.bmm(self.cbq, self.w()).view(self.m, self.h, self.K, self.P)
+        self.halves(y)[1].addcmul_(R, self.u)
+
+    def backward(self, dy: Tensor, dxd: Tensor, dCB: Tensor) -> None:
+        U = (self.halves(dy)[1] * self.u).view(self.m, self.h, self.K * self.P)
+        self.quadrant(dCB).copy_(torch.bmm(U, self.w().transpose(1, 2)).view(-1, self.nblk, self.h, self.h))
+        dW = torch.bmm(self.cbq.transpose(1, 2), U).view(self.m, self.h, self.K, self.P)
+        self.halves(dxd)[0].addcmul_(dW, self.v)
+
+
+def _levels(L: int, Q: int):
+    """Half-block sizes of the below-diagonal levels, coarse to fine (L / Q a power of two)."""
+    h = L // 2
+    while h >= Q:
+        yield h
+        h //= 2
 
 
 class _Prep:
@@ -203,15 +264,21 @@ class _Prep:
         self.dt = gm(dt)                                                 # [Bn, L, K]
         self.A = A.view(1, G, 1, self.K)
         self.ell = torch.cumsum((self.dt.view(-1, G, L, self.K) * self.A).view(self.Bn, L, self.K), dim=1)
-        self.xd = gm(x * dt.unsqueeze(-1)).contiguous()                  # [Bn, L, K, P]
+        self.xs = gm(x)                                                  # [Bn, L, K, P] (a view if it can)
         self.Bg = gm(B).view(self.Bn, L, N)                              # [Bn, L, N]
         self.Cg = gm(C).view(self.Bn, L, N)
         self.CB = torch.bmm(self.Cg, self.Bg.transpose(1, 2))            # [Bn, L, L]
         self.last = self.ell[:, -1]                                      # [Bn, K]
 
     def w_end(self) -> Tensor:
-        """exp(l_last - l_s) [Bn, L, K, 1]: decay from each token to its chunk's end."""
-        return _exp(self.last.unsqueeze(1) - self.ell, self.floor).unsqueeze(-1)
+        """exp(l_last - l_s) [Bn, L, K]: decay from each token to its chunk's end."""
+        return _exp(self.last.unsqueeze(1) - self.ell, self.floor)
+
+    def xd(self, f: Tensor, n: Optional[int] = None) -> Tensor:
+        """f * xd of the first n tokens of every chunk, [Bn, n, K*P] (f [Bn, n, K]; xd = dt x, never
+        materialised: one pass over x per scaled copy)."""
+        n = self.L if n is None else n
+        return (self.xs[:, :n] * (self.dt[:, :n] * f).unsqueeze(-1)).view(self.Bn, n, self.K * self.P)
 
     def states(self, t: Tensor) -> Tensor:
         """[Bsz, nc(+1), H, P, N] chunk states -> [Bn, K*P, N] (chunk c of ``t``'s first nc)."""
@@ -221,12 +288,11 @@ class _Prep:
 def _forward(p: _Prep, D, s0):
     """Returns (y [Bsz, T, H, P], states [Bsz, nc + 1, H, P, N]: entering states and the final)."""
     Bn, L, K, P, Q, nb, N = p.Bn, p.L, p.K, p.P, p.Q, p.nb, p.N
-    xd = p.xd
     # Chunk-local end states, then the scan over chunks.
-    local = torch.bmm((xd * p.w_end()).view(Bn, L, K * P).transpose(1, 2), p.Bg)      # [Bn, K*P, N]
+    local = torch.bmm(p.xd(p.w_end()).transpose(1, 2), p.Bg)           # [Bn, K*P, N]
     local = local.view(p.Bsz, p.nc, p.H, P, N)
     decay = _exp(p.last.clone(), p.floor).view(p.Bsz, p.nc, p.H, 1, 1)
-    S = xd.new_empty(p.Bsz, p.nc + 1, p.H, P, N)
+    S = p.ell.new_empty(p.Bsz, p.nc + 1, p.H, P, N)
     if s0 is None:
         S[:, 0].zero_()
     else:
@@ -238,27 +304,24 @@ def _forward(p: _Prep, D, s0):
         y = torch.bmm(p.Cg, p.states(S).transpose(1, 2)).view(Bn, L, K, P)
         y.mul_(_exp(p.ell.clone(), p.floor).unsqueeze(-1))
     else:
-        y = xd.new_zeros(Bn, L, K, P)
-    # Tiles below the diagonal: one matmul per tile row with the group's C.B block.
-    for i in range(1, nb):
-        r0, r1 = i * Q, (i + 1) * Q
-        u, v = _tile_factors(p.ell, r0, r1, p.floor)
-        R = torch.bmm(p.CB[:, r0:r1, :r0], (xd[:, :r0] * v).view(Bn, r0, K * P))
-        y[:, r0:r1].addcmul_(R.view(Bn, Q, K, P), u)
+        y = p.ell.new_zeros(Bn, L, K, P)
+    # Tiles below the diagonal, by quadrant levels.
+    for h in _levels(L, Q):
+        _Quadrants(p, h).forward(y)
     # Diagonal tiles.
-    _Diag(p).forward(xd, y)
+    _Diag(p).forward(y)
     y = _time_major(y, p.Bsz, p.nc, p.G, p.T)
     return y, S
 
 
 def _backward(p: _Prep, x, D, s0, y, S, dy, dS_final, needs):
     Bn, L, K, P, Q, nb, N, Bsz, nc, H = p.Bn, p.L, p.K, p.P, p.Q, p.nb, p.N, p.Bsz, p.nc, p.H
-    xd, ell = p.xd, p.ell
+    ell = p.ell
     if dy is None:
         dy = torch.zeros_like(y)
     dyg = _group_major(dy, nc, L, p.G).contiguous()                      # [Bn, L, K, P]
     # Reverse scan: dS_out[c] = gradient of chunk c's end state.
-    dS_out = xd.new_empty(Bsz, nc, H, P, N)
+    dS_out = ell.new_empty(Bsz, nc, H, P, N)
     dS_out[:, -1] = 0 if dS_final is None else dS_final
     decay = _exp(p.last.clone(), p.floor).view(Bsz, nc, H, 1, 1)
     uses_s_in = s0 is not None or nc > 1
@@ -273,25 +336,21 @@ def _backward(p: _Prep, x, D, s0, y, S, dy, dS_final, needs):
     dSo = dS_out.view(Bn, K * P, N)
     # Through the chunk end states: d xd, dB and the decay to the chunk end.
     w_end = p.w_end()
-    dxd = torch.bmm(p.Bg, dSo.transpose(1, 2)).view(Bn, L, K, P).mul_(w_end)
-    dB = torch.bmm((xd * w_end).view(Bn, L, K * P), dSo)                # [Bn, L, N]
-    dC = torch.bmm(ey.view(Bn, L, K * P), p.states(S)) if uses_s_in else xd.new_zeros(Bn, L, N)
+    dxd = torch.bmm(p.Bg, dSo.transpose(1, 2)).view(Bn, L, K, P).mul_(w_end.unsqueeze(-1))
+    dB = torch.bmm(p.xd(w_end), dSo)                                     # [Bn, L, N]
+    dC = torch.bmm(ey.view(Bn, L, K * P), p.states(S)) if uses_s_in else ell.new_zeros(Bn, L, N)
     # Tiles below the diagonal.
-    dCB = xd.new_zeros(Bn, L, L)
-    for i in range(1, nb):
-        r0, r1 = i * Q, (i + 1) * Q
-        u, v = _tile_factors(ell, r0, r1, p.floor)
-        U = (dyg[:, r0:r1] * u).view(Bn, Q, K * P)
-        W = (xd[:, :r0] * v).view(Bn, r0, K * P)
-        dCB[:, r0:r1, :r0] = torch.bmm(U, W.transpose(1, 2))
-        dxd[:, :r0].addcmul_(torch.bmm(p.CB[:, r0:r1, :r0].transpose(1, 2), U).view(Bn, r0, K, P), v)
+    dCB = ell.new_zeros(Bn, L, L)
+    for h in _levels(L, Q):
+        _Quadrants(p, h).backward(dyg, dxd, dCB)
     # Diagonal tiles.
-    _diag_tiles(dCB, nb, Q).copy_(_Diag(p).backward(xd, dyg, dxd).view(Bn, nb, Q, Q))
+    _diag_tiles(dCB, nb, Q).copy_(_Diag(p).backward(dyg, dxd).view(Bn, nb, Q, Q))
     dC += torch.bmm(dCB, p.Bg)
     dB += torch.bmm(dCB.transpose(1, 2), p.Cg)
     # Log decays: d l_t = sum_p (dy y_ssd - xd d xd) (+ <dS_out, S_out> at the chunk end).
     yg = _group_major(y, nc, L, p.G)
-    dell = (dyg * yg).sum(-1) - (xd * dxd).sum(-1)                       # [Bn, L, K]
+    xdxd = (p.xs * dxd).sum(-1)                                          # sum_p x d xd  [Bn, L, K]
+    dell = (dyg * yg).sum(-1) - xdxd * p.dt
     Dxg = None
     if D is not None:  # y_ssd = y - D x
         Dxg = _group_major(x * D, nc, L, p.G)
@@ -309,7 +368,7 @@ def _backward(p: _Prep, x, D, s0, y, S, dy, dS_final, needs):
             dx = dx.addcmul_(dy_t, D)
         grads["x"] = dx
     if needs["dt"]:
-        grads["dt"] = tm((da.view(-1, p.G, L, K) * p.A).view(Bn, L, K)) + (dxd_t * x).sum(-1)
+        grads["dt"] = tm((da.view(-1, p.G, L, K) * p.A).view(Bn, L, K) + xdxd)
     if needs["A"]:
         grads["A"] = (da * dt_).view(Bsz * nc, p.G, L, K).sum((0, 2)).reshape(H)
     if needs["D"] and D is not None:
