@@ -153,7 +153,9 @@ def mamba3_mimo_step_triton(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_
     c = lambda t: None if t is None else t.contiguous()
     psi, zeta, phi, D, w = map(c, (mimo_x, mimo_z, mimo_o, D, outproj_norm_weight))
     BN, BP = triton.next_power_of_2(max(N, 2)), triton.next_power_of_2(P)
-    nw = num_warps or (4 if BN * BP <= 8192 else 8)
+    # H100, B=128, H=64, P=64, N=128, R=4: 2 warps 205 us (bf16 state) / 358 us (fp32) per layer,
+    # 4 warps 424 / 758, 8 warps 506 / 597 (benchmarks/gpu_mimo_step.py)
+    nw = num_warps or (2 if BN * BP <= 8192 else 4)
     _mimo_step_kernel[(B * H,)](
         q, k, v, dA, dt, trap, qb, kb, nonempty(angles, dt), psi, zeta, phi,
         out if D is None else D, out if z is None else z, out if w is None else w,
