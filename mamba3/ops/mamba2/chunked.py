@@ -264,7 +264,11 @@ class _Prep:
         self.dt = gm(dt)                                                 # [Bn, L, K]
         self.A = A.view(1, G, 1, self.K)
         self.ell = torch.cumsum((self.dt.view(-1, G, L, self.K) * self.A).view(self.Bn, L, self.K), dim=1)
-        self.xs = gm(x)                                                  # [Bn, L, K, P] (a view if it can)
+        xs = gm(x)                                                       # [Bn, L, K, P]
+        s1 = xs.stride(1)
+        if xs.stride() != (L * s1, s1, P, 1):  # rows of a wider tensor (the conv output) stay a view
+            xs = xs.contiguous()
+        self.xs = xs
         self.Bg = gm(B).view(self.Bn, L, N)                              # [Bn, L, N]
         self.Cg = gm(C).view(self.Bn, L, N)
         self.CB = torch.bmm(self.Cg, self.Bg.transpose(1, 2))            # [Bn, L, L]
