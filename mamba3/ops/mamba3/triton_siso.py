@@ -103,8 +103,11 @@ def _forward(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state,
         return v.new_zeros(B, 0, H, P), fin
     a0, s0, k0, v0 = initial_state if initial_state is not None else (None,) * 4
     th0, final_angle = chunk_start_phases(dt, angles, a0, chunk_size)
+    # inside Function.forward needs_input_grad ignores no_grad: decide here whether to save
+    train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
+        q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, a0, s0, k0, v0))
     y, S = Mamba3SisoFn.apply(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, a0, s0, k0, v0, th0,
-                              chunk_size)
+                              chunk_size, train)
     if not return_final_state:
         return y, None
     rows = torch.arange(B, device=v.device)
@@ -136,12 +139,11 @@ class Mamba3SisoFn(torch.autograd.Function):
     per-token preparation, then [B, T, H]-sized PyTorch algebra for dt, trap, angles and states."""
 
     @staticmethod
-    def forward(ctx, q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, a0, s0, k0, v0, th0, chunk_size):
+    def forward(ctx, q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, a0, s0, k0, v0, th0, chunk_size, train):
         kd = torch.float32 if INTERPRET else v.dtype
         cont = lambda t: None if t is None else t.contiguous()
         q, k, v, dA, dt, trap, angles, z = map(cont, (q, k, v, dA, dt, trap, angles, z))
         S0 = _entering_state(s0, k0, v0, torch.sigmoid(trap[:, 0].float()), dt[:, 0].float())
-        train = any(ctx.needs_input_grad)
         y, saved, states, dec, final = mamba3_fused_fwd(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, th0,
                                                         S0, chunk_size, save_pre=train, dot_dtype=kd)
         if train:
@@ -207,7 +209,7 @@ class Mamba3SisoFn(torch.autograd.Function):
         return (cast(dq, q), cast(dk, k), cast(dv, v), cast(ddA, dA), cast(ddt, dt), cast(dtrap, trap),
                 cast(dqh.sum((0, 1)), q_bias), cast(dkh.sum((0, 1)), k_bias), cast(dang, angles),
                 None if D is None else dskip.sum((0, 1)).to(D.dtype), cast(dz, z), cast(da0, a0), cast(ds0, s0),
-                cast(dk0, k0), cast(dv0, v0), None, None)
+                cast(dk0, k0), cast(dv0, v0), None, None, None)
 
 
 def ssd_triton(x, dt, A, B, C, D=None, z=None, *, initial_state=None, return_final_state=False,
