@@ -56,12 +56,12 @@ def reference64(xs, **kw):
     return x64, y, fin
 
 
-@pytest.mark.parametrize("chunk", [16, 32])
-def test_forward_backward_matches_reference(chunk):
-    xs = make_inputs()
-    x64, y_ref, fin_ref = reference64(xs)
+def check_forward_backward(xs, chunk, initial_state=None):
+    """Triton output, final state and every input gradient vs the float64 reference (1e-4)."""
+    x64, y_ref, fin_ref = reference64(xs, initial_state=initial_state)
     leaves = {n: t.clone().requires_grad_(True) for n, t in xs.items()}
-    y, fin = mamba3_siso_triton(*(leaves[n] for n in NAMES), return_final_state=True, chunk_size=chunk)
+    y, fin = mamba3_siso_triton(*(leaves[n] for n in NAMES), initial_state=initial_state, return_final_state=True,
+                                chunk_size=chunk)
     assert rel(y, y_ref) < 1e-4
     for a, b in zip(fin, fin_ref):
         assert rel(a, b) < 1e-4
@@ -70,6 +70,12 @@ def test_forward_backward_matches_reference(chunk):
     (y * dy.to(y)).sum().backward()
     for n in NAMES:
         assert rel(leaves[n].grad, x64[n].grad) < 1e-4, n
+    return y_ref, fin_ref
+
+
+@pytest.mark.parametrize("chunk", [16, 32])
+def test_forward_backward_matches_reference(chunk):
+    check_forward_backward(make_inputs(), chunk)
 
 
 def test_initial_state_per_head_angles_groups_and_final_state_grad():
@@ -107,18 +113,7 @@ def test_chunk_group_layouts_match_reference(monkeypatch, target):
     B, T, H, N, P, S = 1, 83, 2, 16, 8, 4          # 6 chunks of 16, the last one partial
     xs = make_inputs(B=B, T=T, H=H, N=N, P=P, S=S, seed=5)
     init = make_state(B, H, P, N, S)
-    x64, y_ref, fin_ref = reference64(xs, initial_state=init)
-    leaves = {n: t.clone().requires_grad_(True) for n, t in xs.items()}
-    y, fin = mamba3_siso_triton(*(leaves[n] for n in NAMES), initial_state=init, return_final_state=True,
-                                chunk_size=16)
-    assert rel(y, y_ref) < 1e-4
-    for a, b in zip(fin, fin_ref):
-        assert rel(a, b) < 1e-4
-    dy = torch.randn_like(y_ref)
-    (y_ref * dy).sum().backward()
-    (y * dy.to(y)).sum().backward()
-    for n in NAMES:
-        assert rel(leaves[n].grad, x64[n].grad) < 1e-4, n
+    y_ref, fin_ref = check_forward_backward(xs, 16, initial_state=init)
     with torch.no_grad():                          # inference: no per-chunk states are kept
         y2, fin2 = mamba3_siso_triton(*xs.values(), initial_state=init, return_final_state=True, chunk_size=16)
     assert rel(y2, y_ref) < 1e-4 and rel(fin2.ssm, fin_ref.ssm) < 1e-4
