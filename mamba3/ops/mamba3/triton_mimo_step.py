@@ -23,6 +23,7 @@ import triton.language as tl
 from .common import Mamba3State
 from .triton_siso import check_triton_inputs
 from .triton_siso_fwd import nonempty
+from .triton_step import _step_phase, _trapezoid_coeffs
 
 
 @triton.jit
@@ -49,9 +50,7 @@ def _mimo_step_kernel(Q, K, V, dA, DT, TRAP, QB, KB, ANG, PSI, ZETA, PHI, D, Z, 
     dt = tl.load(DT + b * dt_sb + h).to(tl.float32)
     da = tl.load(dA + b * da_sb + h).to(tl.float32)
     lam = tl.sigmoid(tl.load(TRAP + b * trap_sb + h).to(tl.float32))
-    alpha = tl.exp(da)
-    beta = (1.0 - lam) * dt * alpha
-    gamma = lam * dt
+    alpha, beta, gamma = _trapezoid_coeffs(dt, da, lam)
 
     n = tl.arange(0, BLOCK_N)
     half = N // 2
@@ -60,12 +59,7 @@ def _mimo_step_kernel(Q, K, V, dA, DT, TRAP, QB, KB, ANG, PSI, ZETA, PHI, D, Z, 
     partner = tl.where(first, n + half, n - half)
     sign = tl.where(first, -1.0, 1.0)
     rot = (pair < S) & (n < N)
-    raw = tl.load(ANG + b * ang_sb + h * ang_sh + pair, mask=rot, other=0.0).to(tl.float32)
-    th_old = tl.load(ST_ANG + bh * S + pair, mask=rot, other=0.0)
-    # tanh(x) = 1 - 2 / (exp(2x) + 1), stable for large |x|
-    theta = th_old + dt * 3.141592653589793 * (1.0 - 2.0 / (tl.exp(2.0 * raw) + 1.0))
-    cos_n = tl.where(rot, tl.cos(theta), 1.0)
-    sin_n = tl.where(rot, tl.sin(theta), 0.0)
+    theta, cos_n, sin_n = _step_phase(ANG + b * ang_sb + h * ang_sh, ST_ANG + bh * S, pair, rot, dt)
 
     p = tl.arange(0, BLOCK_P)
     nmask = n < N

@@ -23,6 +23,24 @@ TWO_PI = 2.0 * math.pi
 
 
 @triton.jit
+def _trapezoid_coeffs(dt, da, lam):
+    """alpha = exp(dA), beta = (1 - lambda) dt alpha (previous token), gamma = lambda dt (current)."""
+    alpha = tl.exp(da)
+    return alpha, (1.0 - lam) * dt * alpha, lam * dt
+
+
+@triton.jit
+def _step_phase(ang_ptr, th_ptr, pair, rot, dt):
+    """New phase theta = theta_old + dt pi tanh(angle) of each dim's pair, and its cos / sin
+    (1 / 0 on unrotated dims)."""
+    raw = tl.load(ang_ptr + pair, mask=rot, other=0.0).to(tl.float32)
+    th_old = tl.load(th_ptr + pair, mask=rot, other=0.0)
+    # tanh(x) = 1 - 2 / (exp(2x) + 1), stable for large |x|
+    theta = th_old + dt * 3.141592653589793 * (1.0 - 2.0 / (tl.exp(2.0 * raw) + 1.0))
+    return theta, tl.where(rot, tl.cos(theta), 1.0), tl.where(rot, tl.sin(theta), 0.0)
+
+
+@triton.jit
 def _rotated(x_ptr, xb_ptr, n, N, S, cos_n, sin_n):
     """Biased, interleaved-rotated vector (fp32): x[n] cos - x[n+1] sin (even n), x[n-1] sin + x[n] cos (odd)."""
     partner = n ^ 1
@@ -45,19 +63,12 @@ def _step_kernel(Q, K, V, dA, DT, TRAP, QB, KB, ANG, D, Z, ST_ANG, ST_SSM, ST_K,
     dt = tl.load(DT + bh).to(tl.float32)
     da = tl.load(dA + bh).to(tl.float32)
     lam = tl.sigmoid(tl.load(TRAP + bh).to(tl.float32))
-    alpha = tl.exp(da)
-    beta = (1.0 - lam) * dt * alpha
-    gamma = lam * dt
+    alpha, beta, gamma = _trapezoid_coeffs(dt, da, lam)
 
     n = tl.arange(0, BLOCK_N)
     pair = n // 2
     rot = pair < S
-    raw = tl.load(ANG + b * ang_sb + h * ang_sh + pair, mask=rot, other=0.0).to(tl.float32)
-    th_old = tl.load(ST_ANG + bh * S + pair, mask=rot, other=0.0)
-    # tanh(x) = 1 - 2 / (exp(2x) + 1), stable for large |x|
-    theta = th_old + dt * 3.141592653589793 * (1.0 - 2.0 / (tl.exp(2.0 * raw) + 1.0))
-    cos_n = tl.where(rot, tl.cos(theta), 1.0)
-    sin_n = tl.where(rot, tl.sin(theta), 0.0)
+    theta, cos_n, sin_n = _step_phase(ANG + b * ang_sb + h * ang_sh, ST_ANG + bh * S, pair, rot, dt)
     q = _rotated(Q + (b * G + g) * N, QB + h * N, n, N, S, cos_n, sin_n)
     k = _rotated(K + (b * G + g) * N, KB + h * N, n, N, S, cos_n, sin_n)
 
