@@ -11,6 +11,10 @@ def _ints(s: str):
     return [int(x) for x in s.split(",") if x.strip()]
 
 
+def _floats(s: str):
+    return tuple(float(x) for x in s.split(",") if x.strip())
+
+
 def _kv(items):
     """["dt_min=0.1", "rope=fixed"] -> {"dt_min": 0.1, "rope": "fixed"} (JSON values where they parse)."""
     out = {}
@@ -47,6 +51,12 @@ def add_parser(subparsers) -> None:
     s.add_argument("--eval-min-len", type=int, default=None, help="validate on lengths [this, eval-len] instead")
     s.add_argument("--eval-examples", type=int, default=8192)
     s.add_argument("--eval-every", type=int, default=0, help="also validate every N steps (0: stage ends)")
+    s.add_argument("--evals-per-stage", type=int, default=1,
+                   help="also validate at k/N of each stage (follows the clock in budget mode)")
+    s.add_argument("--test-examples", type=int, default=0,
+                   help="score the best-validation checkpoint on this many fresh examples (0: off)")
+    s.add_argument("--dt-range", type=_floats, default=None, metavar="LO,HI",
+                   help="dt initialisation range of mamba3/mamba2/mamba1 (default: the mixer's [1e-3, 0.1])")
     s.add_argument("--batch-size", type=int, default=256)
     s.add_argument("--seq-len", type=int, default=256, help="length of the fixed-length tasks (mqar, ...)")
     s.add_argument("--num-kv-pairs", type=int, default=16)
@@ -56,7 +66,8 @@ def add_parser(subparsers) -> None:
     s.add_argument("--device", default="cpu")
     s.add_argument("--amp", choices=("none", "bf16"), default="none")
     s.add_argument("--budget-seconds", type=float, default=None,
-                   help="total time for all runs of this call; steps per stage shrink to fit")
+                   help="total time for all runs of this call, split evenly; each run trains until its share "
+                        "is used (stages and learning rate follow the clock, --steps caps each stage)")
     s.add_argument("--mixer-kw", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra mixer constructor kwargs, e.g. dt_min=0.1 dt_max=1.0")
     s.add_argument("--out", default=None, help="append one JSON row per run to this file")
@@ -120,7 +131,9 @@ def run_synthetic_cmd(args) -> int:
                            warmup_steps=args.warmup_steps, batch_size=args.batch_size, steps_per_stage=args.steps,
                            min_len=args.min_len, stages=tuple(args.stages), eval_len=args.eval_len,
                            eval_min_len=args.eval_min_len, eval_examples=args.eval_examples,
-                           eval_every=args.eval_every, seq_len=args.seq_len, num_kv_pairs=args.num_kv_pairs,
+                           eval_every=args.eval_every, evals_per_stage=args.evals_per_stage,
+                           test_examples=args.test_examples, dt_range=args.dt_range, seq_len=args.seq_len,
+                           num_kv_pairs=args.num_kv_pairs,
                            seed=args.seed, device=args.device, amp=args.amp, budget_seconds=args.budget_seconds,
                            mixer_overrides=_kv(args.mixer_kw))
     lrs = lr_grid(args.lr_sweep) if args.lr_sweep else [args.lr]

@@ -8,9 +8,11 @@ parity, 3 for the arithmetic tasks; d_state 64; a sweep of 8 learning rates log-
 [1e-4, 1e-2] (and d_model in {32, 64}); the best validation accuracy is reported, as scaled accuracy
 (metrics.scaled_accuracy; the formula is Grazzi's, its use by Mamba-3 is our best guess).
 
-Every knob shrinks: ``steps_per_stage``, ``stages``, ``batch_size``, ``eval_examples`` and
-``budget_seconds``, which times a few steps at the longest stage and cuts steps per stage so the
-whole run fits. Runs write one JSON row each (``run_synthetic``) and a markdown table
+Every knob shrinks: ``steps_per_stage``, ``stages``, ``batch_size``, ``eval_examples``. With a
+time budget (``budget_seconds``, or an absolute ``deadline`` passed to ``run_synthetic``) a run
+trains until the budget, less a reserve for its last validation, is used: the curriculum stage and
+the learning rate follow the elapsed time, ``steps_per_stage`` caps each stage, and the row is
+always returned in time. Runs write one JSON row each (``run_synthetic``) and a markdown table
 (``markdown_table``). The MQAR / selective-copy / induction tasks train at one fixed length.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ import json
 import math
 import time
 from contextlib import nullcontext
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +39,7 @@ VARIANTS = {
     "attention": {"default": {}},
     "mamba1": {"default": {}},
 }
+DT_MIXERS = ("mamba3", "mamba2", "mamba1")  # mixers with a dt_min / dt_max initialisation range
 OTHER_TASKS = {"mqar": 8192, "mqar_mamba2": 8192, "selective_copy": 16, "induction": 16}
 ALL_TASKS = tuple(STATE_TASKS) + tuple(OTHER_TASKS)
 
@@ -61,14 +64,21 @@ class SyntheticConfig:
     eval_len: int = 256
     eval_min_len: Optional[int] = None  # None: eval_len (all examples have length eval_len)
     eval_examples: int = 8192
+    test_examples: int = 0  # > 0: the best-validation checkpoint is also scored on this many fresh examples
     eval_every: int = 0  # 0: validate at the end of each stage only
+    evals_per_stage: int = 1  # also validate at fractions k / evals_per_stage of each stage (budget-proof)
     seq_len: int = 256  # fixed length of the non-curriculum tasks
     num_kv_pairs: int = 16  # MQAR
     seed: int = 0
     device: str = "cpu"
     amp: str = "none"  # "bf16": autocast on CUDA
     budget_seconds: Optional[float] = None
+    stop_at_acc: Optional[float] = None  # end training once a validation reaches this accuracy (e.g. 1.0)
     tie_embeddings: bool = False  # untied: the tied head makes the residual path predict the input token
+    # dt initialisation range of the mixers that have one (DT_MIXERS); None: the mixer's default
+    # [1e-3, 0.1]. (0.1, 1.0) starts the rotary phase dt * pi * tanh(angle) large enough to learn
+    # parity in hundreds rather than thousands of steps (EVALUATION.md, Table 5b).
+    dt_range: Optional[Tuple[float, float]] = None
     mixer_overrides: dict = dataclasses.field(default_factory=dict)
 
     def layers(self) -> int:
@@ -109,6 +119,8 @@ def mixer_kwargs(cfg: SyntheticConfig) -> dict:
         kw = dict(num_heads=max(1, cfg.d_model // max(8, cfg.headdim)))
     else:
         kw = dict(d_state=min(cfg.d_state, 16))
+    if cfg.dt_range is not None and cfg.mixer in DT_MIXERS:
+        kw.update(dt_min=float(cfg.dt_range[0]), dt_max=float(cfg.dt_range[1]))
     kw.update(VARIANTS[cfg.mixer][cfg.variant])
     kw.update(cfg.mixer_overrides)
     return kw
@@ -165,82 +177,149 @@ def evaluate(model, val_batches, cfg) -> float:
     return correct / max(total, 1)
 
 
-def _val_set(cfg, make_batch):
-    g = torch.Generator().manual_seed(10_000 + cfg.seed)
+def _val_set(cfg, make_batch, n_examples: int, seed_offset: int):
+    g = torch.Generator().manual_seed(seed_offset + cfg.seed)
     lo = cfg.eval_len if cfg.eval_min_len is None else cfg.eval_min_len
     hi = cfg.eval_len if cfg.task in STATE_TASKS else cfg.seq_len
     bs = min(cfg.batch_size, 512)
-    n = max(1, math.ceil(cfg.eval_examples / bs))
+    n = max(1, math.ceil(n_examples / bs))
     return [make_batch(bs, lo, hi, g).to(cfg.device) for _ in range(n)]
 
 
-def run_synthetic(cfg: SyntheticConfig, log=print) -> dict:
-    """Train one model with the curriculum and return its JSON row."""
+class _Schedule:
+    """Progress p in [0, 1] = the larger of the step fraction (steps_per_stage per stage) and the
+    time fraction (budget mode); the stage is floor(p * n_stages), the learning rate a linear warm-up
+    (in steps) times a cosine from 1 to 0.1 over p. Without a budget this is the plain step schedule."""
+
+    def __init__(self, cfg: SyntheticConfig, n_stages: int, train_seconds: Optional[float]):
+        self.cfg, self.n, self.train_seconds = cfg, n_stages, train_seconds
+        self.total = cfg.steps_per_stage * n_stages
+        self.t_start = time.time()
+
+    def progress(self, step: int) -> float:
+        p = step / max(1, self.total)
+        if self.train_seconds is not None:
+            p = max(p, (time.time() - self.t_start) / max(self.train_seconds, 1e-9))
+        return min(1.0, p)
+
+    def stage(self, p: float) -> int:
+        return min(self.n - 1, int(p * self.n))
+
+    def lr(self, step: int, p: float) -> float:
+        warm = min(1.0, (step + 1) / max(1, self.cfg.warmup_steps))
+        return self.cfg.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def run_synthetic(cfg: SyntheticConfig, log=print, deadline: Optional[float] = None) -> dict:
+    """Train one model with the curriculum and return its JSON row.
+
+    Budget mode (``cfg.budget_seconds`` and/or ``deadline``, an absolute ``time.time()``): the run
+    returns its row by min(start + budget_seconds, deadline). Training time is what is left after
+    set-up and a reserve for the last validation and the test pass; curriculum stages and the
+    learning-rate schedule then follow the elapsed time (``_Schedule``), capped by steps_per_stage.
+    The row reports best validation accuracy (the paper's rule) and, with ``test_examples``, the
+    accuracy of that best checkpoint on a separate test set.
+    """
+    t0 = time.time()
     vocab, chance, make_batch = task_info(cfg)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, vocab).to(cfg.device)
     n_params = sum(p.numel() for p in model.parameters())
     stages = list(cfg.stages) if cfg.task in STATE_TASKS else [cfg.seq_len]
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+    fused = dict(fused=True) if cfg.device.startswith("cuda") else {}  # one optimizer kernel: launch-bound models
+    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), **fused)
     g = torch.Generator().manual_seed(cfg.seed)
-    val = _val_set(cfg, make_batch)
-    t0 = time.time()
+    val = _val_set(cfg, make_batch, cfg.eval_examples, 10_000)
+    test = _val_set(cfg, make_batch, cfg.test_examples, 20_000) if cfg.test_examples else []
 
-    def train_step(step, total, max_len):
-        lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-        lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, total))))
+    end = None
+    if cfg.budget_seconds is not None:
+        end = t0 + cfg.budget_seconds
+    if deadline is not None:
+        end = deadline if end is None else min(end, deadline)
+    train_seconds = None
+    if end is not None:
+        # one untimed validation batch (CUDA / Triton compilation of the eval shapes), one timed
+        tb = time.time()
+        evaluate(model, val[:1], cfg)
+        _sync(cfg)
+        t = time.time()
+        evaluate(model, val[:1], cfg)
+        _sync(cfg)
+        per_batch = max(time.time() - t, 1e-4)
+        # an untimed forward + backward (kernel compilation), no optimizer step, own data
+        wb = make_batch(cfg.batch_size, cfg.min_len, stages[0], torch.Generator().manual_seed(1)).to(cfg.device)
+        _loss(model, wb, cfg).backward()
+        opt.zero_grad(set_to_none=True)
+        _sync(cfg)
+        # reserve: the last validation + the test pass, with a margin for contention
+        reserve = 3.0 * per_batch * (len(val) + len(test)) + 0.02 * (end - t0) + 1.0
+        train_seconds = max(0.0, end - time.time() - reserve)
+        log(f"budget: {end - t0:.0f}s, eval set-up {time.time() - tb:.1f}s, {train_seconds:.0f}s to train")
+    sched = _Schedule(cfg, len(stages), train_seconds)
+
+    def train_step(step, max_len):
+        p = sched.progress(step)
         for grp in opt.param_groups:
-            grp["lr"] = lr
+            grp["lr"] = sched.lr(step, p)
         batch = make_batch(cfg.batch_size, cfg.min_len, max_len, g).to(cfg.device)
         loss = _loss(model, batch, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        return float(loss.detach())
+        return loss.detach()
 
-    steps = cfg.steps_per_stage
-    if cfg.budget_seconds is not None:  # time a few steps at the longest stage, then fit the budget
-        n_probe = 5
-        for i in range(2):  # untimed: CUDA / Triton warm-up and autotuning
-            train_step(i, n_probe * 100, stages[-1])
-        _sync(cfg)
-        t = time.time()
-        for i in range(n_probe):
-            train_step(i, n_probe * 100, stages[-1])
-        _sync(cfg)
-        per_step = (time.time() - t) / n_probe
-        t = time.time()
-        evaluate(model, val, cfg)
-        per_eval = time.time() - t
-        left = cfg.budget_seconds - (time.time() - t0) - per_eval * len(stages)
-        per = per_step + (per_eval / cfg.eval_every if cfg.eval_every else 0.0)
-        steps = max(1, min(steps, int(left / (per * len(stages)))))
-        torch.manual_seed(cfg.seed)  # restart from the same init and data as without a budget
-        model = build_model(cfg, vocab).to(cfg.device)
-        g.manual_seed(cfg.seed)
-        opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
-        log(f"budget {cfg.budget_seconds:.0f}s: {per_step * 1e3:.1f} ms/step -> {steps} steps per stage")
-    total = steps * len(stages)
-    best, history, step, loss = -1.0, [], 0, float("nan")
-    for max_len in stages:
-        for _ in range(steps):
-            loss = train_step(step, total, max_len)
-            step += 1
-            if cfg.eval_every and step % cfg.eval_every == 0 and step % steps != 0:
-                acc = evaluate(model, val, cfg)
-                best = max(best, acc)
-                history.append((step, max_len, round(acc, 5)))
+    best, best_state, history, stage_steps = -1.0, None, [], [0] * len(stages)
+
+    def validate(step, stage, loss, what="val"):
+        nonlocal best, best_state
         acc = evaluate(model, val, cfg)
-        best = max(best, acc)
-        history.append((step, max_len, round(acc, 5)))
-        log(f"[{cfg.task} {cfg.mixer}/{cfg.variant} d={cfg.d_model} lr={cfg.lr:.2e}] stage max_len={max_len} "
-            f"step {step} loss {loss:.4f} val acc@{cfg.eval_len} {acc:.4f}")
+        if acc > best:
+            best = acc
+            if test:
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        history.append((step, stages[stage], round(acc, 5)))
+        log(f"[{cfg.task} {cfg.mixer}/{cfg.variant} d={cfg.d_model} lr={cfg.lr:.2e}] {what} max_len={stages[stage]} "
+            f"step {step} loss {float(loss):.4f} val acc@{cfg.eval_len} {acc:.4f} ({time.time() - t0:.0f}s)")
+        return acc
+
+    step, loss, acc, stage = 0, float("nan"), float("nan"), 0
+    n_marks, marks_done = len(stages) * max(1, cfg.evals_per_stage), 0  # extra validations at p = k / n_marks
+    while True:
+        p = sched.progress(step)
+        if p >= 1.0 or (cfg.stop_at_acc is not None and best >= cfg.stop_at_acc):
+            break
+        s = sched.stage(p)
+        if s != stage:  # stage end
+            validate(step, stage, loss, "stage end")
+            stage = s
+        loss = train_step(step, stages[stage])
+        step += 1
+        stage_steps[stage] += 1
+        p = sched.progress(step)
+        mark = int(p * n_marks + 1e-9)
+        due, marks_done = mark > marks_done, max(mark, marks_done)
+        if p >= 1.0 or sched.stage(p) != stage:
+            continue  # the stage-end validation comes next
+        if due or (cfg.eval_every and step % cfg.eval_every == 0):
+            validate(step, stage, loss)
+    loss = float(loss)
+    acc = validate(step, stage, loss, "final")
+    test_acc = None
+    if test:
+        model.load_state_dict(best_state)
+        test_acc = evaluate(model, test, cfg)
+    steps_per_stage = stage_steps[0] if len(set(stage_steps)) == 1 else round(sum(stage_steps) / len(stages))
     return dict(task=cfg.task, mixer=cfg.mixer, variant=cfg.variant, d_model=cfg.d_model, n_layer=cfg.layers(),
-                d_state=cfg.d_state, lr=cfg.lr, seed=cfg.seed, batch_size=cfg.batch_size, steps_per_stage=steps,
-                stages=stages, eval_len=cfg.eval_len, params=n_params, final_acc=acc, best_acc=best,
-                chance=chance, scaled_acc=scaled_accuracy(best, chance), final_loss=loss, history=history,
-                seconds=round(time.time() - t0, 2), device=cfg.device, amp=cfg.amp)
+                d_state=cfg.d_state, lr=cfg.lr, seed=cfg.seed, batch_size=cfg.batch_size,
+                steps_per_stage=steps_per_stage, stage_steps=stage_steps, stages=stages, eval_len=cfg.eval_len,
+                params=n_params, final_acc=acc, best_acc=best, chance=chance,
+                scaled_acc=scaled_accuracy(best, chance), test_acc=test_acc,
+                test_scaled_acc=None if test_acc is None else scaled_accuracy(test_acc, chance),
+                final_loss=loss, history=history, seconds=round(time.time() - t0, 2), device=cfg.device,
+                amp=cfg.amp, mixer_kwargs=mixer_kwargs(cfg), budget_seconds=cfg.budget_seconds,
+                stopped_at_acc=cfg.stop_at_acc is not None and best >= cfg.stop_at_acc)
 
 
 def lr_grid(n: int = 8, lo: float = 1e-4, hi: float = 1e-2) -> list:
