@@ -129,7 +129,7 @@ def table(rows: list, jobs: list) -> str:
     return "\n".join(lines + detail)
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--budget-s", type=float, default=480.0, help="wall clock of the whole command")
@@ -155,7 +155,11 @@ def main(argv=None) -> int:
                     help="run nothing: table of the rows already in these --out-dirs (e.g. one call per task)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)    # internal: one job as JSON
     ap.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     if args.device is None:
         import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

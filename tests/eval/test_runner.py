@@ -160,10 +160,10 @@ def _load_table5b():
 def test_gpu_table5b_smoke_in_process(tmp_path):
     """benchmarks/gpu_table5b.py: the GPU job list, configs and table, on two tiny CPU cells."""
     t5b = _load_table5b()
-    full = t5b.job_list(t5b.argparse.Namespace(lrs=None, tasks=",".join(t5b.TASKS), rows=None))
+    full = t5b.job_list(t5b.parser().parse_args(["--out-dir", str(tmp_path)]))
     assert len(full) == 30 and len({j["name"] for j in full}) == 30
-    args = t5b.argparse.Namespace(smoke=True, device="cpu", amp="none", dt_range="0.1,1.0", lrs="1e-2",
-                                  tasks="parity,modular_brackets", rows="mamba3/no_rope,gdn/default")
+    args = t5b.parser().parse_args(["--out-dir", str(tmp_path), "--smoke", "--device", "cpu", "--lrs", "1e-2",
+                                    "--tasks", "parity,modular_brackets", "--rows", "mamba3/no_rope,gdn/default"])
     jobs = t5b.job_list(args)
     assert [j["name"] for j in jobs][:2] == ["parity-mamba3-no_rope-lr1e-02", "parity-gdn-default-lr1e-02"]
     rows = [t5b.run_job(j, args, time.time() + 60, str(tmp_path), log=lambda s: None) for j in jobs[::3]]
@@ -172,6 +172,24 @@ def test_gpu_table5b_smoke_in_process(tmp_path):
     md = t5b.table(rows, jobs)
     assert "| Mamba-3, no RoPE |" in md and "missing / 0.72" in md  # modular_brackets mamba3/no_rope not run
     assert len(list((tmp_path / "rows").glob("*.json"))) == 2
+
+
+def test_gpu_table5b_full_configs():
+    """The configs the GPU run builds (not run here): the paper's protocol with the script's settings."""
+    t5b = _load_table5b()
+    args = t5b.parser().parse_args(["--out-dir", "x", "--device", "cuda"])
+    jobs = t5b.job_list(args)
+    cfgs = {j["name"]: t5b.job_config(j, args) for j in jobs}
+    c = cfgs["parity-mamba3-default-lr3e-03"]
+    assert (c.d_model, c.d_state, c.headdim, c.batch_size, c.layers()) == (64, 64, 16, 256, 1)
+    assert tuple(c.stages) == (40, 80, 120, 160) and c.eval_len == 256 and c.min_len == 3
+    assert c.stop_at_acc == 1.0 and c.device == "cuda" and c.amp == "none" and c.test_examples == 8192
+    assert mixer_kwargs(c)["dt_min"] == 0.1 and "rope" not in mixer_kwargs(c)  # the layer's default: data RoPE
+    assert cfgs["modular_brackets-gdn-default-lr1e-03"].layers() == 3
+    assert mixer_kwargs(cfgs["parity-gdn-default-lr1e-03"])["allow_neg_eigval"] is True
+    assert mixer_kwargs(cfgs["modular-mamba3-no_rope-lr3e-03"])["rope"] == "none"
+    assert mixer_kwargs(cfgs["modular-mamba2-default-lr3e-03"])["dt_max"] == 1.0
+    assert sorted({c.lr for c in cfgs.values()}) == [1e-3, 3e-3]
 
 
 def test_gpu_table5b_smoke_command(tmp_path):
