@@ -139,7 +139,7 @@ class _Diag:
         self.u = du.clamp(-lim, lim).exp_().unsqueeze(-1)                    # [n, Q, K, 1]
         self.v = du.neg_().clamp_(-lim, lim).exp_()                          # [n, Q, K]
         self.dt = p.dt.view(self.n, Q, K)
-        self.xs = p.xs
+        self.xs, self.buf = p.xs, p.buf
         self.cb = _diag_tiles(p.CB, p.nb, Q).tril().reshape(self.n, Q, Q)   # causal, shared by heads
         self.floor = p.floor
 
@@ -147,9 +147,11 @@ class _Diag:
         """[Bn, L, K, P] -> [n, Q, K, P] (a view)."""
         return t.view(self.n, self.Q, self.K, self.P)
 
-    def w(self) -> Tensor:
-        """v * xd of every tile, [n, Q, K*P] (xd = dt x)."""
-        return (self.tiles(self.xs) * (self.v * self.dt).unsqueeze(-1)).view(self.n, self.Q, self.K * self.P)
+    def w(self, i: int) -> Tensor:
+        """v * xd of every tile, [n, Q, K*P] (xd = dt x), in scratch buffer i."""
+        out = self.buf(i, self.n, self.Q, self.K, self.P)
+        torch.mul(self.tiles(self.xs), (self.v * self.dt).unsqueeze(-1), out=out)
+        return out.view(self.n, self.Q, self.K * self.P)
 
     def xd_bad(self) -> Tensor:
         """xd of the bad (tile, head) pairs, [m, Q, P]."""
@@ -166,7 +168,7 @@ class _Diag:
     def forward(self, y: Tensor) -> None:
         """y += the diagonal tiles' output (in place)."""
         n, Q = self.n, self.Q
-        R = torch.bmm(self.cb, self.w()).view(n, Q, self.K, self.P)
+        R = torch.bmm(self.cb, self.w(0), out=self.buf(1, n, Q, self.K * self.P)).view(n, Q, self.K, self.P)
         if self.bad is None:
             self.tiles(y).addcmul_(R, self.u)
             return
@@ -179,13 +181,14 @@ class _Diag:
     def backward(self, dy: Tensor, dxd: Tensor) -> Tensor:
         """dxd += the tiles' d xd (in place); returns d tril(C.B) of the tiles [n, Q, Q]."""
         n, Q, KP = self.n, self.Q, self.K * self.P
-        U = self.tiles(dy) * self.u
+        U = torch.mul(self.tiles(dy), self.u, out=self.buf(0, n, Q, self.K, self.P))
         if self.bad is not None:
             U[self.bad[0], :, self.bad[1]] = 0
         U = U.view(n, Q, KP)
-        dcb = torch.bmm(U, self.w().transpose(1, 2))
-        self.tiles(dxd).addcmul_(torch.bmm(self.cb.transpose(1, 2), U).view(n, Q, self.K, self.P),
-                                 self.v.unsqueeze(-1))
+        W = self.w(1)
+        dcb = torch.bmm(U, W.transpose(1, 2))
+        dW = torch.bmm(self.cb.transpose(1, 2), U, out=W)
+        self.tiles(dxd).addcmul_(dW.view(n, Q, self.K, self.P), self.v.unsqueeze(-1))
         if self.bad is not None:
             tiles, heads = self.bad
             M, scores = self.exact()
@@ -212,7 +215,7 @@ class _Quadrants:
         v = _exp(ref - eb[:, :h], p.floor)                                     # [m, h, K]
         self.v = v.unsqueeze(-1)
         self.vdt = v * p.dt.view(self.m, S, p.K)[:, :h]
-        self.xs = p.xs
+        self.xs, self.buf = p.xs, p.buf
         self.cbq = self.quadrant(p.CB).reshape(self.m, h, h)                   # small copy
 
     def quadrant(self, CB: Tensor) -> Tensor:
@@ -226,17 +229,22 @@ class _Quadrants:
         b = t.view(self.m, 2, self.h, self.K, self.P)
         return b[:, 0], b[:, 1]
 
-    def w(self) -> Tensor:
-        return (self.halves(self.xs)[0] * self.vdt.unsqueeze(-1)).view(self.m, self.h, self.K * self.P)
+    def w(self, i: int) -> Tensor:
+        """v * xd of the earlier halves, [m, h, K*P], in scratch buffer i."""
+        out = self.buf(i, self.m, self.h, self.K, self.P)
+        torch.mul(self.halves(self.xs)[0], self.vdt.unsqueeze(-1), out=out)
+        return out.view(self.m, self.h, self.K * self.P)
 
     def forward(self, y: Tensor) -> None:
-        R = torch.bmm(self.cbq, self.w()).view(self.m, self.h, self.K, self.P)
-        self.halves(y)[1].addcmul_(R, self.u)
+        R = torch.bmm(self.cbq, self.w(0), out=self.buf(1, self.m, self.h, self.K * self.P))
+        self.halves(y)[1].addcmul_(R.view(self.m, self.h, self.K, self.P), self.u)
 
     def backward(self, dy: Tensor, dxd: Tensor, dCB: Tensor) -> None:
-        U = (self.halves(dy)[1] * self.u).view(self.m, self.h, self.K * self.P)
-        self.quadrant(dCB).copy_(torch.bmm(U, self.w().transpose(1, 2)).view(-1, self.nblk, self.h, self.h))
-        dW = torch.bmm(self.cbq.transpose(1, 2), U).view(self.m, self.h, self.K, self.P)
+        U = torch.mul(self.halves(dy)[1], self.u, out=self.buf(0, self.m, self.h, self.K, self.P))
+        U = U.view(self.m, self.h, self.K * self.P)
+        W = self.w(1)
+        self.quadrant(dCB).copy_(torch.bmm(U, W.transpose(1, 2)).view(-1, self.nblk, self.h, self.h))
+        dW = torch.bmm(self.cbq.transpose(1, 2), U, out=W).view(self.m, self.h, self.K, self.P)
         self.halves(dxd)[0].addcmul_(dW, self.v)
 
 
@@ -273,39 +281,49 @@ class _Prep:
         self.Cg = gm(C).view(self.Bn, L, N)
         self.CB = torch.bmm(self.Cg, self.Bg.transpose(1, 2))            # [Bn, L, L]
         self.last = self.ell[:, -1]                                      # [Bn, K]
+        self._bufs = [None, None]
 
     def w_end(self) -> Tensor:
         """exp(l_last - l_s) [Bn, L, K]: decay from each token to its chunk's end."""
         return _exp(self.last.unsqueeze(1) - self.ell, self.floor)
 
-    def xd(self, f: Tensor, n: Optional[int] = None) -> Tensor:
-        """f * xd of the first n tokens of every chunk, [Bn, n, K*P] (f [Bn, n, K]; xd = dt x, never
-        materialised: one pass over x per scaled copy)."""
-        n = self.L if n is None else n
-        return (self.xs[:, :n] * (self.dt[:, :n] * f).unsqueeze(-1)).view(self.Bn, n, self.K * self.P)
+    def xd(self, f: Tensor) -> Tensor:
+        """f * xd, [Bn, L, K*P] in scratch buffer 0 (f [Bn, L, K]; xd = dt x is never materialised:
+        one pass over x per scaled copy)."""
+        out = self.buf(0, self.Bn, self.L, self.K, self.P)
+        torch.mul(self.xs, (self.dt * f).unsqueeze(-1), out=out)
+        return out.view(self.Bn, self.L, self.K * self.P)
 
-    def states(self, t: Tensor) -> Tensor:
-        """[Bsz, nc(+1), H, P, N] chunk states -> [Bn, K*P, N] (chunk c of ``t``'s first nc)."""
-        return t[:, : self.nc].reshape(self.Bn, self.K * self.P, self.N)
+    def buf(self, i: int, *shape) -> Tensor:
+        """Scratch buffer i (two, each [Bn, L, K, P] floats) viewed as ``shape``: the passes of one
+        call reuse them instead of touching fresh pages for every temporary."""
+        if self._bufs[i] is None:
+            self._bufs[i] = self.xs.new_empty(self.Bn * self.L * self.K * self.P)
+        n = 1
+        for d in shape:
+            n *= d
+        return self._bufs[i][:n].view(shape)
+
+    def decay(self) -> Tensor:
+        """exp(l_last) per chunk and head, [Bsz, nc, H, 1, 1]."""
+        return _exp(self.last.clone(), self.floor).view(self.Bsz, self.nc, self.H, 1, 1)
 
 
 def _forward(p: _Prep, D, s0):
-    """Returns (y [Bsz, T, H, P], states [Bsz, nc + 1, H, P, N]: entering states and the final)."""
+    """Returns (y [Bsz, T, H, P], entering states [Bsz, nc, H, P, N], final state [Bsz, H, P, N])."""
     Bn, L, K, P, Q, nb, N = p.Bn, p.L, p.K, p.P, p.Q, p.nb, p.N
-    # Chunk-local end states, then the scan over chunks.
-    local = torch.bmm(p.xd(p.w_end()).transpose(1, 2), p.Bg)           # [Bn, K*P, N]
-    local = local.view(p.Bsz, p.nc, p.H, P, N)
-    decay = _exp(p.last.clone(), p.floor).view(p.Bsz, p.nc, p.H, 1, 1)
-    S = p.ell.new_empty(p.Bsz, p.nc + 1, p.H, P, N)
-    if s0 is None:
-        S[:, 0].zero_()
-    else:
-        S[:, 0].copy_(s0)
+    # Chunk-local end states, then the scan over chunks, in place: S[:, c] becomes chunk c's
+    # entering state.
+    S = torch.bmm(p.xd(p.w_end()).transpose(1, 2), p.Bg).view(p.Bsz, p.nc, p.H, P, N)
+    decay = p.decay()
+    run = S.new_zeros(p.Bsz, p.H, P, N) if s0 is None else s0
     for c in range(p.nc):
-        torch.addcmul(local[:, c], decay[:, c], S[:, c], out=S[:, c + 1])
+        nxt = torch.addcmul(S[:, c], decay[:, c], run)
+        S[:, c] = run
+        run = nxt
     # Entering state read by every token: y = exp(l_t) C_t S_in^T.
     if s0 is not None or p.nc > 1:
-        y = torch.bmm(p.Cg, p.states(S).transpose(1, 2)).view(Bn, L, K, P)
+        y = torch.bmm(p.Cg, S.view(Bn, K * P, N).transpose(1, 2)).view(Bn, L, K, P)
         y.mul_(_exp(p.ell.clone(), p.floor).unsqueeze(-1))
     else:
         y = p.ell.new_zeros(Bn, L, K, P)
@@ -315,34 +333,36 @@ def _forward(p: _Prep, D, s0):
     # Diagonal tiles.
     _Diag(p).forward(y)
     y = _time_major(y, p.Bsz, p.nc, p.G, p.T)
-    return y, S
+    return y, S, run
 
 
-def _backward(p: _Prep, x, D, s0, y, S, dy, dS_final, needs):
+def _backward(p: _Prep, x, D, s0, y, S, final, dy, dS_final, needs):
     Bn, L, K, P, Q, nb, N, Bsz, nc, H = p.Bn, p.L, p.K, p.P, p.Q, p.nb, p.N, p.Bsz, p.nc, p.H
     ell = p.ell
     if dy is None:
         dy = torch.zeros_like(y)
     dyg = _group_major(dy, nc, L, p.G).contiguous()                      # [Bn, L, K, P]
-    # Reverse scan: dS_out[c] = gradient of chunk c's end state.
-    dS_out = ell.new_empty(Bsz, nc, H, P, N)
-    dS_out[:, -1] = 0 if dS_final is None else dS_final
-    decay = _exp(p.last.clone(), p.floor).view(Bsz, nc, H, 1, 1)
+    # Reverse scan, in place: dS[:, c] = dS_in[c] (through y) becomes dS_out[c], the gradient of
+    # chunk c's end state.
+    decay = p.decay()
     uses_s_in = s0 is not None or nc > 1
+    run = ell.new_zeros(Bsz, H, P, N) if dS_final is None else dS_final
     if uses_s_in:
-        ey = dyg * _exp(ell.clone(), p.floor).unsqueeze(-1)              # exp(l_t) dy_t
-        dS_in = torch.bmm(ey.view(Bn, L, K * P).transpose(1, 2), p.Cg).view(Bsz, nc, H, P, N)
-    for c in range(nc - 1, 0, -1):
-        torch.addcmul(dS_in[:, c], decay[:, c], dS_out[:, c], out=dS_out[:, c - 1])
-    ds0 = None
-    if s0 is not None:
-        ds0 = torch.addcmul(dS_in[:, 0], decay[:, 0], dS_out[:, 0])
-    dSo = dS_out.view(Bn, K * P, N)
+        ey = torch.mul(dyg, _exp(ell.clone(), p.floor).unsqueeze(-1), out=p.buf(1, Bn, L, K, P))
+        dS = torch.bmm(ey.view(Bn, L, K * P).transpose(1, 2), p.Cg).view(Bsz, nc, H, P, N)
+        for c in range(nc - 1, -1, -1):
+            prev = torch.addcmul(dS[:, c], decay[:, c], run)                 # dS_out[c - 1] (c = 0: ds0)
+            dS[:, c] = run
+            run = prev
+    else:
+        dS = run.unsqueeze(1).contiguous()
+    ds0 = run if s0 is not None else None
+    dSo = dS.view(Bn, K * P, N)
     # Through the chunk end states: d xd, dB and the decay to the chunk end.
     w_end = p.w_end()
     dxd = torch.bmm(p.Bg, dSo.transpose(1, 2)).view(Bn, L, K, P).mul_(w_end.unsqueeze(-1))
     dB = torch.bmm(p.xd(w_end), dSo)                                     # [Bn, L, N]
-    dC = torch.bmm(ey.view(Bn, L, K * P), p.states(S)) if uses_s_in else ell.new_zeros(Bn, L, N)
+    dC = torch.bmm(ey.view(Bn, L, K * P), S.view(Bn, K * P, N)) if uses_s_in else ell.new_zeros(Bn, L, N)
     # Tiles below the diagonal.
     dCB = ell.new_zeros(Bn, L, L)
     for h in _levels(L, Q):
@@ -353,13 +373,21 @@ def _backward(p: _Prep, x, D, s0, y, S, dy, dS_final, needs):
     dB += torch.bmm(dCB.transpose(1, 2), p.Cg)
     # Log decays: d l_t = sum_p (dy y_ssd - xd d xd) (+ <dS_out, S_out> at the chunk end).
     yg = _group_major(y, nc, L, p.G)
-    xdxd = (p.xs * dxd).sum(-1)                                          # sum_p x d xd  [Bn, L, K]
-    dell = (dyg * yg).sum(-1) - xdxd * p.dt
-    Dxg = None
-    if D is not None:  # y_ssd = y - D x
-        Dxg = _group_major(x * D, nc, L, p.G)
-        dell -= (dyg * Dxg).sum(-1)
-    dell[:, -1] += (dS_out * S[:, 1:]).sum((-1, -2)).view(Bn, K)
+    dot = lambda a, b: torch.mul(a, b, out=p.buf(0, Bn, L, K, P)).sum(-1)    # sum_p, [Bn, L, K]
+    xdxd = dot(p.xs, dxd)                                                # sum_p x d xd
+    dell = dot(dyg, yg) - xdxd * p.dt
+    dD = None
+    if D is not None and D.shape[-1] == 1:  # y_ssd = y - D x; per-head D: one reduction serves both
+        dyx = dot(dyg, p.xs)                                             # sum_p dy x
+        dell -= dyx * D.view(1, p.G, 1, K).expand(Bsz * nc, -1, -1, -1).reshape(Bn, 1, K)
+        dD = dyx.view(Bsz * nc, p.G, L, K).sum((0, 2)).reshape(H, 1)
+    elif D is not None:
+        dell -= (dyg * _group_major(x * D, nc, L, p.G)).sum(-1)
+        dD = (dy * x).sum((0, 1))
+    dlast = ell.new_empty(Bsz, nc, H)                                    # <dS_out, S_out>; S_out[c] = S[c + 1]
+    torch.sum(dS[:, :-1] * S[:, 1:], (-1, -2), out=dlast[:, :-1])
+    torch.sum(dS[:, -1] * final, (-1, -2), out=dlast[:, -1])
+    dell[:, -1] += dlast.view(Bn, K)
     da = dell.flip(1).cumsum(1).flip(1)                                  # ell = cumsum(a), a = dt A
     # Back to [Bsz, T, H(, P)] and through xd = dt x, a = dt A, y += D x.
     tm = lambda t: _time_major(t, Bsz, nc, p.G, p.T)
@@ -375,9 +403,7 @@ def _backward(p: _Prep, x, D, s0, y, S, dy, dS_final, needs):
         grads["dt"] = tm((da.view(-1, p.G, L, K) * p.A).view(Bn, L, K) + xdxd)
     if needs["A"]:
         grads["A"] = (da * dt_).view(Bsz * nc, p.G, L, K).sum((0, 2)).reshape(H)
-    if needs["D"] and D is not None:
-        dD = (dy_t * x).sum((0, 1))
-        grads["D"] = dD.sum(-1, keepdim=True) if D.shape[-1] == 1 else dD
+    grads["D"] = dD
     if needs["B"]:
         grads["B"] = tm(dB.view(Bn, L, 1, N))
     if needs["C"]:
@@ -392,19 +418,18 @@ class _SSDChunked(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, s0, L, Q):
         p = _Prep(x, dt, A, B, C, L, Q)
-        y, S = _forward(p, D, s0)
+        y, S, final = _forward(p, D, s0)
         if D is not None:
             y.addcmul_(x, D)
-        final = S[:, -1].clone()
         if any(ctx.needs_input_grad):
-            ctx.save_for_backward(x, dt, A, B, C, D, s0, y, S)
+            ctx.save_for_backward(x, dt, A, B, C, D, s0, y, S, final)
             ctx.LQ = (L, Q)
         return y, final
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        x, dt, A, B, C, D, s0, y, S = ctx.saved_tensors
+        x, dt, A, B, C, D, s0, y, S, final = ctx.saved_tensors
         p = _Prep(x, dt, A, B, C, *ctx.LQ)
         names = ("x", "dt", "A", "B", "C", "D", "s0")
-        g = _backward(p, x, D, s0, y, S, dy, dfinal, dict(zip(names, ctx.needs_input_grad)))
+        g = _backward(p, x, D, s0, y, S, final, dy, dfinal, dict(zip(names, ctx.needs_input_grad)))
         return tuple(g.get(n) for n in names) + (None, None)
