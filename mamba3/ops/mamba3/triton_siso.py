@@ -1,10 +1,10 @@
 """Mamba-3 SISO on Triton kernels (impl="triton").
 
 Single-SSD fold of chunked.py (SPEC section 2), chunk-parallel:
-    forward  (triton_siso_fwd.py): per-chunk phase starts in PyTorch ([B, H, nc, S]); kernel 1 per
-             (chunk, batch*head) builds biased/rotated/scaled k in registers and the chunk-local
-             state; kernel 2 scans the chunk states; kernel 3 per chunk rebuilds q, k and writes
-             intra + inter + (D + gamma <q, k>) x, gated by silu(z).
+    forward  (triton_siso_fwd.py): per-chunk phase starts (two launches); a preparation kernel per
+             (chunk, batch*head) writes the biased/rotated q, the rotated/scaled k and the skip
+             coefficient D + gamma <q, k>; the SSD core then runs in chunk groups with the state in
+             registers and writes intra + inter + skip x, gated by silu(z).
     backward (triton_siso_bwd.py): SSD-core backward (three launches mirroring the forward), a
              kernel back through bias/rotation/scale per chunk, and [B, T, H(, S)] PyTorch algebra
              (reverse phase cumsum, dt/trap chain rule, group and bias reductions).
