@@ -295,13 +295,14 @@ class _Prep:
         return out.view(self.Bn, self.L, self.K * self.P)
 
     def buf(self, i: int, *shape) -> Tensor:
-        """Scratch buffer i (two, each [Bn, L, K, P] floats) viewed as ``shape``: the passes of one
-        call reuse them instead of touching fresh pages for every temporary."""
-        if self._bufs[i] is None:
-            self._bufs[i] = self.xs.new_empty(self.Bn * self.L * self.K * self.P)
+        """Scratch buffer i (two, at least [Bn, L, K, P] floats) viewed as ``shape``: the passes of
+        one call reuse them instead of touching fresh pages for every temporary (page faults on
+        fresh memory cost about as much as a matmul here)."""
         n = 1
         for d in shape:
             n *= d
+        if self._bufs[i] is None or self._bufs[i].numel() < n:
+            self._bufs[i] = self.xs.new_empty(max(n, self.Bn * self.L * self.K * self.P))
         return self._bufs[i][:n].view(shape)
 
     def decay(self) -> Tensor:
@@ -347,22 +348,28 @@ def _backward(p: _Prep, x, D, s0, y, S, final, dy, dS_final, needs):
     decay = p.decay()
     uses_s_in = s0 is not None or nc > 1
     run = ell.new_zeros(Bsz, H, P, N) if dS_final is None else dS_final
+    dS = p.buf(1, Bsz, nc, H, P, N)
     if uses_s_in:
-        ey = torch.mul(dyg, _exp(ell.clone(), p.floor).unsqueeze(-1), out=p.buf(1, Bn, L, K, P))
-        dS = torch.bmm(ey.view(Bn, L, K * P).transpose(1, 2), p.Cg).view(Bsz, nc, H, P, N)
+        ey = torch.mul(dyg, _exp(ell.clone(), p.floor).unsqueeze(-1), out=p.buf(0, Bn, L, K, P))
+        ey = ey.view(Bn, L, K * P)
+        torch.bmm(ey.transpose(1, 2), p.Cg, out=dS.view(Bn, K * P, N))
+        dC = torch.bmm(ey, S.view(Bn, K * P, N))
         for c in range(nc - 1, -1, -1):
             prev = torch.addcmul(dS[:, c], decay[:, c], run)                 # dS_out[c - 1] (c = 0: ds0)
             dS[:, c] = run
             run = prev
     else:
-        dS = run.unsqueeze(1).contiguous()
+        dC = ell.new_zeros(Bn, L, N)
+        dS[:, 0] = run
     ds0 = run if s0 is not None else None
     dSo = dS.view(Bn, K * P, N)
+    dlast = ell.new_empty(Bsz, nc, H)                                    # <dS_out, S_out>; S_out[c] = S[c + 1]
+    torch.sum(dS[:, :-1] * S[:, 1:], (-1, -2), out=dlast[:, :-1])
+    torch.sum(dS[:, -1] * final, (-1, -2), out=dlast[:, -1])
     # Through the chunk end states: d xd, dB and the decay to the chunk end.
     w_end = p.w_end()
     dxd = torch.bmm(p.Bg, dSo.transpose(1, 2)).view(Bn, L, K, P).mul_(w_end.unsqueeze(-1))
     dB = torch.bmm(p.xd(w_end), dSo)                                     # [Bn, L, N]
-    dC = torch.bmm(ey.view(Bn, L, K * P), S.view(Bn, K * P, N)) if uses_s_in else ell.new_zeros(Bn, L, N)
     # Tiles below the diagonal.
     dCB = ell.new_zeros(Bn, L, L)
     for h in _levels(L, Q):
@@ -384,9 +391,6 @@ def _backward(p: _Prep, x, D, s0, y, S, final, dy, dS_final, needs):
     elif D is not None:
         dell -= (dyg * _group_major(x * D, nc, L, p.G)).sum(-1)
         dD = (dy * x).sum((0, 1))
-    dlast = ell.new_empty(Bsz, nc, H)                                    # <dS_out, S_out>; S_out[c] = S[c + 1]
-    torch.sum(dS[:, :-1] * S[:, 1:], (-1, -2), out=dlast[:, :-1])
-    torch.sum(dS[:, -1] * final, (-1, -2), out=dlast[:, -1])
     dell[:, -1] += dlast.view(Bn, K)
     da = dell.flip(1).cumsum(1).flip(1)                                  # ell = cumsum(a), a = dt A
     # Back to [Bsz, T, H(, P)] and through xd = dt x, a = dt A, y += D x.
@@ -395,7 +399,7 @@ def _backward(p: _Prep, x, D, s0, y, S, final, dy, dS_final, needs):
     dt_ = p.dt
     grads = {}
     if needs["x"]:
-        dx = dxd_t * tm(dt_).unsqueeze(-1)
+        dx = dxd_t.mul_(tm(dt_).unsqueeze(-1))                           # d xd's memory becomes dx
         if D is not None:
             dx = dx.addcmul_(dy_t, D)
         grads["x"] = dx
