@@ -273,9 +273,6 @@ def mamba3_siso_op(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D=None, z=None
     if cu_seqlens is None and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ins)):
         y, *fin = siso_fused(*ins, chunk_size)
         return y, (Mamba3State(*fin) if return_final_state else None)
-    if cu_seqlens is None:
-        return _forward(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state,
-                        return_final_state, chunk_size, None)
     return siso_varlen(_forward, q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state,
                        return_final_state, chunk_size, cu_seqlens)
 

@@ -27,11 +27,8 @@ def mamba3_siso_chunked(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D=None, z
                         initial_state: Optional[Mamba3State] = None, return_final_state: bool = False,
                         cu_seqlens: Optional[Tensor] = None, chunk_size: int = 64):
     """Chunked Mamba-3 SISO (same signature as :func:`mamba3.ops.mamba3_siso`)."""
-    if cu_seqlens is not None:
-        return siso_varlen(_chunked, q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state,
-                           return_final_state, chunk_size, cu_seqlens)
-    return _chunked(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state,
-                    return_final_state, chunk_size, lengths=None)
+    return siso_varlen(_chunked, q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state,
+                       return_final_state, chunk_size, cu_seqlens)
 
 
 def _chunked(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state, return_final_state,

@@ -203,13 +203,17 @@ def check_finite(name: str, t: Tensor) -> None:
 
 def siso_varlen(forward, q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state, return_final_state,
                 chunk_size, cu_seqlens):
-    """Run a padded-batch SISO form on packed sequences ([1, total, ...] with ``cu_seqlens``).
+    """Run a padded-batch SISO form on packed sequences ([1, total, ...] with ``cu_seqlens``; with
+    ``cu_seqlens=None`` the batch runs as it is).
 
     The sequences are right-padded into a batch; padding has dt = dA = 0, which leaves the state, the
     phase and the shifted trapezoid scale untouched, so outputs and final states are exact.
     ``forward(q, ..., z, initial_state, return_final_state, chunk_size, lengths)`` must zero the
     shifted term after each row's last token (``lengths`` [S]) and read the final k/v there.
     """
+    if cu_seqlens is None:
+        return forward(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state, return_final_state,
+                       chunk_size, None)
     pad = lambda t: None if t is None else pack_to_padded(t, cu_seqlens)
     lengths = torch.tensor(seq_lengths(cu_seqlens), device=v.device)
     y, final = forward(pad(q), pad(k), pad(v), pad(dA), pad(dt), pad(trap), q_bias, k_bias, pad(angles), D,

@@ -83,9 +83,6 @@ def mamba3_siso_triton(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D=None, z=
     if initial_state is not None:
         check_triton_inputs(chunk_size, [("initial_state." + f, t) for f, t in initial_state._asdict().items()]
                             if isinstance(initial_state, Mamba3State) else [])
-    if cu_seqlens is None:
-        return _forward(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state,
-                        return_final_state, chunk_size, None)
     return siso_varlen(_forward, q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state,
                        return_final_state, chunk_size, cu_seqlens)
 
