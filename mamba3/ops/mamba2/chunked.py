@@ -312,7 +312,7 @@ class _Prep:
 
 def _forward(p: _Prep, D, s0):
     """Returns (y [Bsz, T, H, P], entering states [Bsz, nc, H, P, N], final state [Bsz, H, P, N])."""
-    Bn, L, K, P, Q, nb, N = p.Bn, p.L, p.K, p.P, p.Q, p.nb, p.N
+    Bn, L, K, P, Q, N = p.Bn, p.L, p.K, p.P, p.Q, p.N
     # Chunk-local end states, then the scan over chunks, in place: S[:, c] becomes chunk c's
     # entering state.
     S = torch.bmm(p.xd(p.w_end()).transpose(1, 2), p.Bg).view(p.Bsz, p.nc, p.H, P, N)
