@@ -56,20 +56,25 @@ def reference64(xs, **kw):
     return x64, y, fin
 
 
+def assert_matches(y, fin, leaves, y_ref, fin_ref, x64, names, tol=1e-4):
+    """Output, final state and the gradients of ``names`` (under one random dy) vs the float64 ones."""
+    assert rel(y, y_ref) < tol
+    for a, b in zip(fin, fin_ref):
+        assert rel(a, b) < tol
+    dy = torch.randn_like(y_ref)
+    (y_ref * dy).sum().backward()
+    (y * dy.to(y)).sum().backward()
+    for n in names:
+        assert rel(leaves[n].grad, x64[n].grad) < tol, n
+
+
 def check_forward_backward(xs, chunk, initial_state=None):
     """Triton output, final state and every input gradient vs the float64 reference (1e-4)."""
     x64, y_ref, fin_ref = reference64(xs, initial_state=initial_state)
     leaves = {n: t.clone().requires_grad_(True) for n, t in xs.items()}
     y, fin = mamba3_siso_triton(*(leaves[n] for n in NAMES), initial_state=initial_state, return_final_state=True,
                                 chunk_size=chunk)
-    assert rel(y, y_ref) < 1e-4
-    for a, b in zip(fin, fin_ref):
-        assert rel(a, b) < 1e-4
-    dy = torch.randn_like(y_ref)
-    (y_ref * dy).sum().backward()
-    (y * dy.to(y)).sum().backward()
-    for n in NAMES:
-        assert rel(leaves[n].grad, x64[n].grad) < 1e-4, n
+    assert_matches(y, fin, leaves, y_ref, fin_ref, x64, NAMES)
     return y_ref, fin_ref
 
 
@@ -229,14 +234,7 @@ def test_mimo_matches_reference(R, chunk, norm):
     leaves = {n: t.clone().requires_grad_(True) for n, t in xs.items()}
     y, fin = mamba3_mimo_triton(*(leaves[n] for n in MIMO_NAMES), initial_state=init, return_final_state=True,
                                 chunk_size=chunk, outproj_norm_weight=w)
-    assert rel(y, y_ref) < 1e-4
-    for a, b in zip(fin, f_ref):
-        assert rel(a, b) < 1e-4
-    dy = torch.randn_like(y_ref)
-    (y_ref * dy).sum().backward()
-    (y * dy.to(y)).sum().backward()
-    for n in MIMO_NAMES:
-        assert rel(leaves[n].grad, x64[n].grad) < 1e-4, n
+    assert_matches(y, fin, leaves, y_ref, f_ref, x64, MIMO_NAMES)
 
 
 def test_mimo_varlen_matches_reference():
