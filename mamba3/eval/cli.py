@@ -65,6 +65,8 @@ def add_parser(subparsers) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu")
     s.add_argument("--amp", choices=("none", "bf16"), default="none")
+    s.add_argument("--matmul-precision", choices=("highest", "high"), default="highest",
+                   help="fp32 dots: full precision, or tf32 (projections and the Triton SSD kernels)")
     s.add_argument("--budget-seconds", type=float, default=None,
                    help="total time for all runs of this call, split evenly; each run trains until its share "
                         "is used (stages and learning rate follow the clock, --steps caps each stage)")
@@ -135,7 +137,7 @@ def run_synthetic_cmd(args) -> int:
                            test_examples=args.test_examples, dt_range=args.dt_range, seq_len=args.seq_len,
                            num_kv_pairs=args.num_kv_pairs,
                            seed=args.seed, device=args.device, amp=args.amp, budget_seconds=args.budget_seconds,
-                           mixer_overrides=_kv(args.mixer_kw))
+                           matmul_precision=args.matmul_precision, mixer_overrides=_kv(args.mixer_kw))
     lrs = lr_grid(args.lr_sweep) if args.lr_sweep else [args.lr]
     rows = sweep(base, lrs, args.d_model, out=args.out)
     table = markdown_table(rows)

@@ -46,9 +46,11 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-def launch_params(kernel: str, chunk: int, d_state: int, headdim: int) -> tuple[dict, int]:
+def launch_params(kernel: str, chunk: int, d_state: int, headdim: int, dtype=None) -> tuple[dict, int]:
     """(constexprs, num_warps) the launchers pick for ``kernel`` (mirrors triton_siso_*.py; the
-    MIMO path runs the same SSD-core kernels with CHUNK = chunk_size * R rows)."""
+    MIMO path runs the same SSD-core kernels with CHUNK = chunk_size * R rows). ``dtype`` float32:
+    full-precision dots, which take 8 warps in the chunk and group kernels (``chunk_warps``)."""
+    ieee = dtype == torch.float32
     C, N, P = chunk, d_state, headdim
     BP = max(16, _next_pow2(P))
     if kernel == "prep_qk":
@@ -64,8 +66,8 @@ def launch_params(kernel: str, chunk: int, d_state: int, headdim: int) -> tuple[
         const["CPG_STATIC"] = 0
         if kernel == "group_out":
             const.update(HAS_SIN=True, WRITE_FINAL=True, HAS_SKIP=True, HAS_Z=True, SAVE=True)
-        return const, 4
-    return const, (4 if C * max(BN, BP) <= 4096 else 8)
+        return const, (8 if ieee else 4)
+    return const, (8 if ieee or C * max(BN, BP) > 4096 else 4)
 
 
 GROUP_STAGES = 2          # software-pipelining depth of the group kernels on Hopper-class parts, bf16/fp16
@@ -178,7 +180,7 @@ def _compile(kernel: str, chunk: int, d_state: int, headdim: int, dtype: torch.d
 
     mod, attr = KERNELS[kernel]
     fn = getattr(importlib.import_module(f"mamba3.ops.mamba3.{mod}"), attr)
-    const, nw = launch_params(kernel, chunk, d_state, headdim)
+    const, nw = launch_params(kernel, chunk, d_state, headdim, dtype)
     params = inspect.signature(fn.fn).parameters
     if "PREC" in params:
         const = {**const, "PREC": "ieee" if dtype == torch.float32 else "tf32"}

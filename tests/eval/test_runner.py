@@ -211,3 +211,41 @@ def test_gpu_table5b_smoke_command(tmp_path):
     rc = _load_table5b().main(["--collect", str(out), "--out-dir", str(merged), "--device", "cpu"])
     assert rc == 0 and "1 of 30 rows" in (merged / "t5b_table.md").read_text()
     assert "missing / 100.00" in (merged / "t5b_table.md").read_text()  # parity Mamba-3 not run
+
+
+def test_prefetch_gives_the_sequential_batches_across_stage_changes():
+    """The threaded prefetcher hands out exactly the batches a plain loop would make from the same
+    generator, also when the curriculum length changes (the prefetched batch is then dropped)."""
+    from mamba3.eval.runner import _Prefetch, task_info
+    _, _, make = task_info(SyntheticConfig(task="modular"))
+    plan = [7, 7, 7, 11, 11, 15, 15, 15]
+    g = torch.Generator().manual_seed(3)
+    pf = _Prefetch(lambda n: make(4, 3, n, g), "cpu", threaded=True)
+    got = [pf.next(n) for n in plan]
+    pf.close()
+    g2 = torch.Generator().manual_seed(3)
+    want, made = [], None
+    for i, n in enumerate(plan):  # the plain equivalent: a batch made ahead with the previous length
+        if made is None or made[0] != n:
+            made = (n, make(4, 3, n, g2))
+        want.append(made[1])
+        made = (n, make(4, 3, n, g2))
+    for a, b in zip(got, want):
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
+
+
+def test_matmul_precision_is_set_for_the_run_and_restored():
+    before = torch.get_float32_matmul_precision()
+    seen = []
+    cfg = SyntheticConfig(task="parity", d_model=16, d_state=8, headdim=8, batch_size=4, steps_per_stage=1,
+                          stages=(5,), eval_len=7, eval_examples=4, matmul_precision="high")
+    import mamba3.eval.runner as runner
+    orig = runner._run_synthetic
+    try:
+        runner._run_synthetic = lambda c, log, d: seen.append(torch.get_float32_matmul_precision()) or {}
+        runner.run_synthetic(cfg)
+    finally:
+        runner._run_synthetic = orig
+    assert seen == ["high"] and torch.get_float32_matmul_precision() == before
+    with pytest.raises(ValueError, match="matmul_precision"):
+        runner.run_synthetic(SyntheticConfig(matmul_precision="tf32"))

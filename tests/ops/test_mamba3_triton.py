@@ -271,3 +271,27 @@ def test_no_rotary_angles_no_skip_no_gate():
     y1 = mamba3_siso_step_triton(*(nxt.get(n) for n in NAMES), state)
     y1_ref, _ = mamba3_siso_step_reference(*(nxt.get(n) for n in NAMES), Mamba3State(*(t.clone() for t in fin)))
     assert rel(y1, y1_ref) < 1e-5
+
+
+def test_fp32_dot_precision_follows_torch_and_full_precision_takes_8_warps():
+    from mamba3.ops.mamba3.triton_siso_fwd import chunk_warps, dot_precision, group_warps
+    before = torch.get_float32_matmul_precision()
+    try:
+        assert dot_precision(torch.float32) == "ieee" and dot_precision(torch.bfloat16) == "tf32"
+        torch.set_float32_matmul_precision("high")
+        assert dot_precision(torch.float32) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert chunk_warps(64, 64, 16, "ieee") == 8 and group_warps("ieee") == 8
+    assert chunk_warps(64, 64, 16, "tf32") == 4 and chunk_warps(64, 128, 64, "tf32") == 8
+
+
+def test_tf32_setting_still_matches_reference():
+    """Under "high" the kernels take the tf32 / 4-warp launch settings (the interpreter computes
+    the dots in full precision, so this checks the launch path, not tf32 rounding)."""
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        check_forward_backward(make_inputs(), 16)
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -23,9 +23,14 @@ class TaskBatch:
     labels: Tensor
     lengths: Optional[Tensor] = None
 
-    def to(self, device) -> "TaskBatch":
-        return TaskBatch(self.input_ids.to(device), self.labels.to(device),
-                         None if self.lengths is None else self.lengths.to(device))
+    def _map(self, fn) -> "TaskBatch":
+        return TaskBatch(fn(self.input_ids), fn(self.labels), None if self.lengths is None else fn(self.lengths))
+
+    def to(self, device, non_blocking: bool = False) -> "TaskBatch":
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "TaskBatch":
+        return self._map(lambda t: t.pin_memory())
 
 
 def make_generator(seed: Optional[int], generator: Optional[torch.Generator]) -> torch.Generator:

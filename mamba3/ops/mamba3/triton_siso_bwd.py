@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .triton_siso_fwd import (_chunk_coeffs, _chunk_phase, _interleave, _load_chunk, _load_ell, _rotated_pairs,
-                              _split_pairs, dot_precision, nonempty, static_loop)
+                              _split_pairs, chunk_warps, dot_precision, nonempty, static_loop)
 
 
 @triton.jit
@@ -166,7 +166,7 @@ def ssd_core_bwd(Q, K, V, dA, dY, states, dec, dSF, chunk_size: int):
     ddA = torch.empty(dA.shape, device=Q.device, dtype=torch.float32)
     BN, BP = max(16, triton.next_power_of_2(N)), max(16, triton.next_power_of_2(P))
     prec = dot_precision(Q.dtype)
-    nw = 4 if C * max(BN, BP) <= 4096 else 8
+    nw = chunk_warps(C, BN, BP, prec)
     _chunk_dstate_kernel[(nc, B * H)](Q, dY, dA, gs, T, H, nc, N, P, *Q.stride()[:3], *dY.stride()[:3],
                                       *dA.stride(), CHUNK=C, BLOCK_N=BN, BLOCK_P=BP, PREC=prec,
                                       num_warps=nw)
