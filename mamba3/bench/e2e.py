@@ -126,18 +126,21 @@ class GraphDecoder:
 
 @torch.no_grad()
 def fast_generate(model: LanguageModel, prompt: torch.Tensor, new_tokens: int, *, prefill_chunk: int = 2048,
-                  use_cuda_graph: Optional[bool] = None, state_dtype=None, compile: bool = False) -> dict:
+                  use_cuda_graph: Optional[bool] = None, state_dtype=None, compile: bool = False,
+                  compile_prefill: Optional[bool] = None) -> dict:
     """Greedy generation on the fast path; returns tokens [B, new_tokens] and phase timings.
     compile: torch.compile the prefill slices and the decode step (True = Inductor, or a backend;
     see :func:`prefill`, :class:`GraphDecoder`); on a model's first call at a prompt length
-    prefill_s includes the prefill compilation and capture_s the step's."""
+    prefill_s includes the prefill compilation and capture_s the step's. compile_prefill=False
+    compiles the decode step only (None: as ``compile``)."""
+    compile_prefill = compile if compile_prefill is None else (compile if compile_prefill else False)
     device = prompt.device
     use_cuda_graph = device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
     B, n = prompt.shape
     cache = model.allocate_inference_cache(B, n + new_tokens + 1, state_dtype=state_dtype)
     _sync(device)
     t0 = time.perf_counter()
-    first = prefill(model, prompt, cache, prefill_chunk, compile=compile).argmax(-1)
+    first = prefill(model, prompt, cache, prefill_chunk, compile=compile_prefill).argmax(-1)
     _sync(device)
     t1 = time.perf_counter()
     out = torch.empty(B, new_tokens, dtype=torch.long, device=device)
@@ -155,7 +158,8 @@ def fast_generate(model: LanguageModel, prompt: torch.Tensor, new_tokens: int, *
 
 def run_config(preset: str, n: int, *, batch: int = 128, decode_steps: Optional[int] = None, reps: int = 3,
                device: str = "cuda", dtype=torch.bfloat16, state_dtype=None, prefill_chunk: int = 2048,
-               config: Optional[ModelConfig] = None, compile: bool = False) -> dict:
+               config: Optional[ModelConfig] = None, compile: bool = False,
+               compile_prefill: Optional[bool] = None) -> dict:
     """Mean of ``reps`` timed runs after one warm-up for one model and length."""
     cfg = config or ModelConfig.from_preset(preset)
     torch.manual_seed(0)
@@ -164,9 +168,10 @@ def run_config(preset: str, n: int, *, batch: int = 128, decode_steps: Optional[
     prompt = torch.randint(0, cfg.vocab_size, (batch, n), device=device)
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    kw = dict(prefill_chunk=prefill_chunk, state_dtype=state_dtype, compile=compile)
+    kw = dict(prefill_chunk=prefill_chunk, state_dtype=state_dtype, compile=compile, compile_prefill=compile_prefill)
     # warm-up (and compilation: prefill compiles per slice length, hence the whole prompt)
-    fast_generate(model, prompt if compile else prompt[:, : min(n, 256)], 4, **kw)
+    compiles_prefill = compile and compile_prefill is not False
+    fast_generate(model, prompt if compiles_prefill else prompt[:, : min(n, 256)], 4, **kw)
     runs = [fast_generate(model, prompt, steps, **kw) for _ in range(reps)]
     mean = lambda k: sum(r[k] for r in runs) / len(runs)
     ms = mean("decode_ms_per_step")
@@ -175,7 +180,8 @@ def run_config(preset: str, n: int, *, batch: int = 128, decode_steps: Optional[
                decode_ms_per_step=ms, decode_steps_measured=steps,
                prefill_plus_decode_s=mean("prefill_s") + ms * 1e-3 * n,
                extrapolated=steps < n, cache_bytes=runs[0]["cache_bytes"],
-               state_dtype=str(state_dtype or torch.float32), compile=compile)
+               state_dtype=str(state_dtype or torch.float32), compile=compile,
+               compile_prefill=compiles_prefill, prefill_chunk=prefill_chunk)
     if torch.device(device).type == "cuda":
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     del model
@@ -210,7 +216,8 @@ def main(args) -> int:
             try:
                 row = run_config(preset, n, batch=args.batch, decode_steps=args.decode_steps, reps=args.reps,
                                  device=args.device, dtype=dtype, state_dtype=state_dtype,
-                                 prefill_chunk=args.prefill_chunk, compile=args.compile)
+                                 prefill_chunk=args.prefill_chunk, compile=args.compile,
+                                 compile_prefill=False if args.no_compile_prefill else None)
             except torch.cuda.OutOfMemoryError as e:
                 row = dict(preset=preset, n=n, batch=args.batch, error=f"out of memory: {str(e)[:120]}")
                 torch.cuda.empty_cache()
@@ -243,5 +250,7 @@ def add_arguments(p) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the whole-model prefill slices and decode step (Inductor fuses the "
                         "elementwise ops; the step before the CUDA-graph capture)")
+    p.add_argument("--no-compile-prefill", action="store_true",
+                   help="with --compile: compile the decode step only, run the prefill slices eagerly")
     p.add_argument("--out", default=None)
     p.add_argument("--png", default=None)

@@ -162,6 +162,11 @@ def test_fast_generate_compile_covers_prefill_and_decode():
     torch._dynamo.reset()
     assert torch.equal(got, ref)
     assert len(graphs) == 3   # prefill slices of 8 and 1 tokens, the decode step
+    graphs.clear()
+    got = fast_generate(model, prompt, 4, prefill_chunk=8, compile=backend, compile_prefill=False)["tokens"]
+    torch._dynamo.reset()
+    assert torch.equal(got, ref)
+    assert len(graphs) == 1   # the decode step only
 
 
 @pytest.mark.slow
@@ -187,7 +192,10 @@ def test_cli_compile_flag_reaches_the_rows(monkeypatch):
     p = argparse.ArgumentParser()
     e2e.add_arguments(p)
     seen = []
-    monkeypatch.setattr(e2e, "run_config", lambda preset, n, **kw: seen.append(kw["compile"]) or dict(preset=preset))
-    assert e2e.main(p.parse_args(["--presets", "tiny", "--lengths", "16", "--device", "cpu", "--compile"])) == 0
-    assert e2e.main(p.parse_args(["--presets", "tiny", "--lengths", "16", "--device", "cpu"])) == 0
-    assert seen == [True, False]
+    monkeypatch.setattr(e2e, "run_config", lambda preset, n, **kw: seen.append((kw["compile"], kw["compile_prefill"]))
+                        or dict(preset=preset))
+    base = ["--presets", "tiny", "--lengths", "16", "--device", "cpu"]
+    assert e2e.main(p.parse_args(base + ["--compile"])) == 0
+    assert e2e.main(p.parse_args(base)) == 0
+    assert e2e.main(p.parse_args(base + ["--compile", "--no-compile-prefill"])) == 0
+    assert seen == [(True, None), (False, None), (True, False)]
