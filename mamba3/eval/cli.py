@@ -67,6 +67,11 @@ def add_parser(subparsers) -> None:
     s.add_argument("--amp", choices=("none", "bf16"), default="none")
     s.add_argument("--matmul-precision", choices=("highest", "high"), default="highest",
                    help="fp32 dots: full precision, or tf32 (projections and the Triton SSD kernels)")
+    s.add_argument("--checkpoint", default=None,
+                   help="resumable run (step schedule, one run): resume from this file if it exists, save to it "
+                        "when --pause-after-seconds is reached")
+    s.add_argument("--pause-after-seconds", type=float, default=None,
+                   help="with --checkpoint: save and stop after this many seconds (the row says partial)")
     s.add_argument("--budget-seconds", type=float, default=None,
                    help="total time for all runs of this call, split evenly; each run trains until its share "
                         "is used (stages and learning rate follow the clock, --steps caps each stage)")
@@ -137,8 +142,11 @@ def run_synthetic_cmd(args) -> int:
                            test_examples=args.test_examples, dt_range=args.dt_range, seq_len=args.seq_len,
                            num_kv_pairs=args.num_kv_pairs,
                            seed=args.seed, device=args.device, amp=args.amp, budget_seconds=args.budget_seconds,
-                           matmul_precision=args.matmul_precision, mixer_overrides=_kv(args.mixer_kw))
+                           matmul_precision=args.matmul_precision, checkpoint=args.checkpoint,
+                           pause_after_seconds=args.pause_after_seconds, mixer_overrides=_kv(args.mixer_kw))
     lrs = lr_grid(args.lr_sweep) if args.lr_sweep else [args.lr]
+    if args.checkpoint and len(lrs) * len(args.d_model) > 1:
+        raise ValueError("--checkpoint resumes one run: give one --lr and one --d-model")
     rows = sweep(base, lrs, args.d_model, out=args.out)
     table = markdown_table(rows)
     print(table)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -78,6 +79,10 @@ class SyntheticConfig:
     matmul_precision: str = "highest"
     budget_seconds: Optional[float] = None
     stop_at_acc: Optional[float] = None  # end training once a validation reaches this accuracy (e.g. 1.0)
+    # resumable runs (step schedule only): save everything to `checkpoint` after `pause_after_seconds`
+    # of this process and return a row with partial=True; a later call with the same path resumes
+    checkpoint: Optional[str] = None
+    pause_after_seconds: Optional[float] = None
     tie_embeddings: bool = False  # untied: the tied head makes the residual path predict the input token
     # dt initialisation range of the mixers that have one (DT_MIXERS); None: the mixer's default
     # [1e-3, 0.1]. (0.1, 1.0) starts the rotary phase dt * pi * tanh(angle) large enough to learn
@@ -214,6 +219,13 @@ class _Schedule:
         return self.cfg.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+def _resume_key(cfg: SyntheticConfig) -> dict:
+    """The settings a checkpoint must share with the run that resumes it."""
+    keep = ("task", "mixer", "variant", "d_model", "n_layer", "d_state", "headdim", "lr", "batch_size",
+            "steps_per_stage", "stages", "seed", "dt_range", "matmul_precision")
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items() if k in keep}
+
+
 class _Prefetch:
     """Makes the next training batch in a worker thread while the current step runs (the vectorised
     generators' CPU ops release the GIL): on a GPU the data would otherwise cost ~1/3 of a step of
@@ -283,6 +295,10 @@ def _run_synthetic(cfg: SyntheticConfig, log, deadline: Optional[float]) -> dict
     if deadline is not None:
         end = deadline if end is None else min(end, deadline)
     train_seconds = None
+    if cfg.checkpoint and end is not None:
+        raise ValueError("checkpoint / pause_after_seconds need the step schedule: drop budget_seconds / deadline")
+    if cfg.pause_after_seconds is not None and not cfg.checkpoint:
+        raise ValueError("pause_after_seconds needs a checkpoint path")
     if end is not None:
         # one untimed validation batch (CUDA / Triton compilation of the eval shapes), one timed
         tb = time.time()
@@ -333,10 +349,34 @@ def _run_synthetic(cfg: SyntheticConfig, log, deadline: Optional[float]) -> dict
 
     step, loss, acc, stage = 0, float("nan"), float("nan"), 0
     n_marks, marks_done = len(stages) * max(1, cfg.evals_per_stage), 0  # extra validations at p = k / n_marks
+    resumed_from = None
+    if cfg.checkpoint and os.path.exists(cfg.checkpoint):
+        ck = torch.load(cfg.checkpoint, map_location=cfg.device, weights_only=False)
+        if ck["config"] != _resume_key(cfg):
+            raise ValueError(f"checkpoint {cfg.checkpoint} is of another run: {ck['config']} != {_resume_key(cfg)}")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        g.set_state(ck["generator"])
+        step, stage, loss, marks_done = ck["step"], ck["stage"], ck["loss"], ck["marks_done"]
+        best, best_state, history, stage_steps = ck["best"], ck["best_state"], ck["history"], ck["stage_steps"]
+        resumed_from = step
+        log(f"resumed {cfg.checkpoint} at step {step} (best {best:.4f})")
     while True:
         p = sched.progress(step)
         if p >= 1.0 or (cfg.stop_at_acc is not None and best >= cfg.stop_at_acc):
             break
+        if cfg.pause_after_seconds is not None and time.time() - t0 >= cfg.pause_after_seconds:
+            batches.close()
+            torch.save(dict(config=_resume_key(cfg), model=model.state_dict(), optimizer=opt.state_dict(),
+                            generator=g.get_state(), step=step, stage=stage, loss=float(loss), marks_done=marks_done,
+                            best=best, best_state=best_state, history=history, stage_steps=stage_steps),
+                       cfg.checkpoint + ".tmp")
+            os.replace(cfg.checkpoint + ".tmp", cfg.checkpoint)
+            log(f"paused at step {step} of {sched.total}; saved {cfg.checkpoint}")
+            return dict(task=cfg.task, mixer=cfg.mixer, variant=cfg.variant, lr=cfg.lr, seed=cfg.seed, partial=True,
+                        step=step, total_steps=sched.total, stage_steps=stage_steps, best_acc=best,
+                        scaled_acc=scaled_accuracy(best, chance) if best >= 0 else None, history=history,
+                        resumed_from=resumed_from, seconds=round(time.time() - t0, 2))
         s = sched.stage(p)
         if s != stage:  # stage end
             validate(step, stage, loss, "stage end")
@@ -367,7 +407,7 @@ def _run_synthetic(cfg: SyntheticConfig, log, deadline: Optional[float]) -> dict
                 test_scaled_acc=None if test_acc is None else scaled_accuracy(test_acc, chance),
                 final_loss=loss, history=history, seconds=round(time.time() - t0, 2), device=cfg.device,
                 amp=cfg.amp, matmul_precision=cfg.matmul_precision, mixer_kwargs=mixer_kwargs(cfg), budget_seconds=cfg.budget_seconds,
-                stopped_at_acc=cfg.stop_at_acc is not None and best >= cfg.stop_at_acc)
+                stopped_at_acc=cfg.stop_at_acc is not None and best >= cfg.stop_at_acc, resumed_from=resumed_from)
 
 
 def lr_grid(n: int = 8, lo: float = 1e-4, hi: float = 1e-2) -> list:
