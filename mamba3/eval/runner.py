@@ -433,9 +433,12 @@ def sweep(base: SyntheticConfig, lrs: Sequence[float], d_models: Sequence[int], 
 
 
 def best_rows(rows: Sequence[dict]) -> list:
-    """Best run (by best validation accuracy) per (task, mixer, variant)."""
+    """Best run (by best validation accuracy) per (task, mixer, variant); paused (partial) rows are
+    left out."""
     best = {}
     for r in rows:
+        if r.get("partial"):
+            continue
         k = (r["task"], r["mixer"], r["variant"])
         if k not in best or r["best_acc"] > best[k]["best_acc"]:
             best[k] = r
