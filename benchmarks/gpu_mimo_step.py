@@ -6,6 +6,12 @@ B=128, H=64, P=64, N=128, R=4, G=1, bf16 inputs: three tokens through the kernel
 PyTorch reference step from the same state (relative errors of the output and every state
 field), then ``do_bench_cudagraph`` medians of one layer's step for both, fp32 and bf16 state,
 with and without the out-proj norm; floor = state read + write at 3.0 TB/s.
+
+Keys: triton_us is the default launch (P split 4 without the norm, single kernel with it);
+triton_us_w{2,8} the single kernel (p_blocks=1) at those warps; without the norm also the P
+split: triton_us_p{1,2,4} (default warps), triton_us_p{2,4}_w{1,2,4}, and out_err_p* /
+state_err_p* (worst state field) of three tokens at each p_blocks; best_us / best_key: the
+fastest of all timed launches.
 """
 from __future__ import annotations
 
@@ -41,6 +47,7 @@ def main() -> int:
     for sd in (torch.float32, torch.bfloat16):
         for nw in (None, w):
             st = Mamba3State(3 * r(B, H, S), (0.5 * r(B, H, P, N)).to(sd), r(B, R, H, N, dt=bf), r(B, H, P, dt=bf))
+            st0 = Mamba3State(*(t.clone() for t in st))
             ref_st = Mamba3State(*(t.clone() for t in st))
             ref_st = ref_st._replace(ssm=ref_st.ssm.float())
             for _ in range(3):
@@ -48,11 +55,31 @@ def main() -> int:
                 ref, ref_st = mamba3_mimo_step(*args, ref_st, impl="reference", outproj_norm_weight=nw), ref_st
             row = dict(state=str(sd), norm=nw is not None, out_err=rel(out, ref),
                        **{f"{n}_err": rel(a, b) for n, a, b in zip(st._fields, st, ref_st)})
+            if nw is None:   # the P split (the norm always runs the single kernel)
+                for pb in (1, 2, 4):
+                    st_p = Mamba3State(*(t.clone() for t in st0))
+                    for _ in range(3):
+                        out_p = mamba3_mimo_step_triton(*args, st_p, None, 1e-5, p_blocks=pb)
+                    row[f"out_err_p{pb}"] = rel(out_p, ref)
+                    row[f"state_err_p{pb}"] = max(rel(a, b) for a, b in zip(st_p, ref_st))
             row["triton_us"] = 1e3 * triton.testing.do_bench_cudagraph(
                 lambda: mamba3_mimo_step(*args, st, impl="triton", outproj_norm_weight=nw), return_mode="median")
             for nwarps in (2, 8):
                 row[f"triton_us_w{nwarps}"] = 1e3 * triton.testing.do_bench_cudagraph(
-                    lambda: mamba3_mimo_step_triton(*args, st, nw, 1e-5, num_warps=nwarps), return_mode="median")
+                    lambda: mamba3_mimo_step_triton(*args, st, nw, 1e-5, num_warps=nwarps, p_blocks=1),
+                    return_mode="median")
+            if nw is None:
+                for pb in (1, 2, 4):
+                    row[f"triton_us_p{pb}"] = 1e3 * triton.testing.do_bench_cudagraph(
+                        lambda: mamba3_mimo_step_triton(*args, st, None, 1e-5, p_blocks=pb), return_mode="median")
+                for pb in (2, 4):
+                    for nwarps in (1, 2, 4):
+                        row[f"triton_us_p{pb}_w{nwarps}"] = 1e3 * triton.testing.do_bench_cudagraph(
+                            lambda: mamba3_mimo_step_triton(*args, st, None, 1e-5, num_warps=nwarps, p_blocks=pb),
+                            return_mode="median")
+            timed = {key: us for key, us in row.items() if key.startswith("triton_us")}
+            row["best_key"] = min(timed, key=timed.get)
+            row["best_us"] = timed[row["best_key"]]
             row["reference_us"] = 1e3 * triton.testing.do_bench_cudagraph(
                 lambda: mamba3_mimo_step(*args, ref_st, impl="reference", outproj_norm_weight=nw),
                 return_mode="median")

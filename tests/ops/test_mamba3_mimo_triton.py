@@ -430,3 +430,64 @@ def test_step_half_precision_inputs_and_cache():
     assert st.ssm.dtype == torch.float32 and st.k.dtype == st.v.dtype == torch.bfloat16
     for name, a, b in zip(Mamba3State._fields, st, st64):
         assert rel(a, b) < 1e-2, f"state.{name}"
+
+
+class _LaunchSpy:
+    """Stands in for a @triton.jit kernel and records each launch grid."""
+
+    def __init__(self, kernel, grids):
+        self.kernel, self.grids = kernel, grids
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("p_blocks,P,R,G,per_head,optional,norm,state_dtype,split", [
+    (1, 32, 2, 1, False, True, False, torch.float32, 1),      # p_blocks 1: the single kernel
+    (2, 32, 2, 2, True, True, False, torch.float32, 2),
+    (4, 32, 2, 1, False, True, False, torch.bfloat16, 2),     # BLOCK_P clamped to 16
+    (4, 64, 4, 1, True, False, False, torch.float32, 4),      # no D / z
+    (4, 64, 2, 2, False, True, False, torch.bfloat16, 4),
+    (2, 48, 2, 1, True, True, False, torch.bfloat16, 2),      # P not a power of two: last block masked
+    (None, 64, 2, 1, False, True, False, torch.float32, 4),   # automatic: 4 blocks
+    (4, 64, 2, 1, True, True, True, torch.float32, 1),        # the norm needs all of P: single kernel
+    (None, 32, 2, 1, False, False, True, torch.bfloat16, 1),
+])
+def test_step_p_split_matches_fp64_reference_token_by_token(monkeypatch, p_blocks, P, R, G, per_head, optional,
+                                                            norm, state_dtype, split):
+    """The P-split launch (grid (B*H, blocks), then the k / angle cache kernel) == the float64
+    reference step after each of 4 tokens: out and every state field (a block that read k / theta
+    after another overwrote them, or a stale cache, would show from the second token on)."""
+    import mamba3.ops.mamba3.triton_mimo_step as tms
+    main, cache = [], []
+    monkeypatch.setattr(tms, "_mimo_step_kernel", _LaunchSpy(tms._mimo_step_kernel, main))
+    monkeypatch.setattr(tms, "_mimo_step_cache_kernel", _LaunchSpy(tms._mimo_step_cache_kernel, cache))
+    B, H, N, T = 2, 2, 16, 4
+    x = make_inputs(B=B, T=T, R=R, G=G, H=H, N=N, P=P, per_head_angles=per_head, norm=norm, seed=60 + P)
+    if not optional:
+        x["D"], x["z"] = None, None
+    st = Mamba3State(*(t.to(DEV) for t in make_state(B, R, H=H, N=N, P=P, seed=61)))
+    st = st._replace(ssm=st.ssm.to(state_dtype))
+    st64 = Mamba3State(*(t.double().cpu() for t in st))
+    tol = 1e-5 if state_dtype == torch.float32 else 2e-2
+    for t in range(T):
+        y = tms.mamba3_mimo_step_triton(*step_args(x, t), st, x.get("w"), 1e-5, p_blocks=p_blocks)
+        y_ref, st64 = mamba3_mimo_step_reference(*[None if a is None else a.double().cpu() for a in step_args(x, t)],
+                                                 st64, None if x.get("w") is None else x["w"].double().cpu())
+        assert rel(y, y_ref) < tol, f"out, token {t}"
+        for name, a, b in zip(Mamba3State._fields, st, st64):
+            assert rel(a, b) < tol, f"state.{name}, token {t}"
+    assert main == [(B * H, split)] * T and cache == ([(B * H,)] * T if split > 1 else [])
+    assert st.ssm.dtype == state_dtype
+
+
+@pytest.mark.parametrize("p_blocks", [0, 3, -2, 2.0, True])
+def test_step_p_blocks_must_be_a_positive_power_of_two(p_blocks):
+    from mamba3.ops.mamba3.triton_mimo_step import mamba3_mimo_step_triton
+    x = make_inputs(T=1, R=2)
+    st = Mamba3State(*(t.to(DEV) for t in make_state(2, 2)))
+    before = [t.clone() for t in st]
+    with pytest.raises(ValueError, match=r"p_blocks must be None or a positive power of two, got "):
+        mamba3_mimo_step_triton(*step_args(x, 0), st, p_blocks=p_blocks)
+    assert all(torch.equal(a, b) for a, b in zip(st, before))

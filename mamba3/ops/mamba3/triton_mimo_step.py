@@ -1,6 +1,6 @@
-"""Mamba-3 MIMO decode step as one Triton kernel (state updated in place).
+"""Mamba-3 MIMO decode step in Triton (state updated in place).
 
-One program per (batch, head) does the whole token (SPEC sections 4-5):
+The token (SPEC sections 4-5):
     theta = theta_prev + dt * pi * tanh(angles)                     (S angles, shared by ranks)
     k_t[r] = Rot_halves(theta) (B[r, g(h)] + k_bias[h, r]),  q_t[r] likewise from C
     X[r] = psi[h, r] * x                                            (psi = mimo_x)
@@ -11,6 +11,16 @@ then the cache writes: angle mod 2*pi, the rotated biased k_t [B, R, H, N], raw 
 tile [P, N] is read and written once, in its own dtype (fp32 or bf16); all math is fp32. The
 rank contraction (norm, gate, phi sum) is fused, so only out [B, H, P] leaves the kernel.
 Rotary pairs are split-half (i, i + N/2), i < S, as in the chunked MIMO forms.
+
+Two launch shapes:
+- single: one program per (batch, head) holds the whole [P, N] tile and also writes state.k and
+  state.angle (after a barrier: every warp has read the previous token's values first). Used with
+  the out-proj norm (it needs all of P per rank) or when the P split is 1.
+- P split: grid (B*H, P / BLOCK_P); a program owns rows [j BLOCK_P, (j+1) BLOCK_P) of the state,
+  out and state.v. Every block needs the previous token's k and theta, so the main kernel leaves
+  state.k / state.angle alone and a small second kernel (grid B*H, stream-ordered after the first)
+  recomputes the rotated k_t and the wrapped theta and writes them. 4x the programs for the same
+  bytes: more loads in flight per SM for a latency-bound step.
 """
 from __future__ import annotations
 
@@ -37,12 +47,35 @@ def _rotated_halves(x_ptr, xb_ptr, n, partner, N, sign, cos_n, sin_n):
 
 
 @triton.jit
+def _halves_phase(ang_ptr, th_ptr, n, dt, N, S):
+    """Split-half rotary layout of the dims n and the new phase: (partner, sign, pair, own = dims
+    that store theta[pair], theta, cos_n, sin_n)."""
+    half = N // 2
+    first = n < half
+    pair = tl.where(first, n, n - half)
+    partner = tl.where(first, n + half, n - half)
+    sign = tl.where(first, -1.0, 1.0)
+    rot = (pair < S) & (n < N)
+    theta, cos_n, sin_n = _step_phase(ang_ptr, th_ptr, pair, rot, dt)
+    return partner, sign, pair, rot & first, theta, cos_n, sin_n
+
+
+@triton.jit
+def _store_wrapped_phase(th_ptr, pair, own, theta):
+    """state.angle <- theta mod 2 pi (call after every warp has read theta_prev)."""
+    wrapped = theta - 6.283185307179586 * tl.floor(theta / 6.283185307179586)
+    tl.store(th_ptr + pair, wrapped, mask=own)
+
+
+@triton.jit
 def _mimo_step_kernel(Q, K, V, dA, DT, TRAP, QB, KB, ANG, PSI, ZETA, PHI, D, Z, W,
                       ST_ANG, ST_SSM, ST_K, ST_V, OUT,
                       H, G, N, P, S, eps,
                       q_sb, k_sb, v_sb, z_sb, da_sb, dt_sb, trap_sb, ang_sb, ang_sh,
                       R: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_NORM: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
+                      WRITE_KA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Program (bh, j): rows p in [j BLOCK_P, (j+1) BLOCK_P). WRITE_KA (single path, one block
+    covers P) also writes state.k and state.angle; HAS_NORM needs that single block."""
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -51,17 +84,11 @@ def _mimo_step_kernel(Q, K, V, dA, DT, TRAP, QB, KB, ANG, PSI, ZETA, PHI, D, Z, 
     da = tl.load(dA + b * da_sb + h).to(tl.float32)
     lam = tl.sigmoid(tl.load(TRAP + b * trap_sb + h).to(tl.float32))
     alpha, beta, gamma = _trapezoid_coeffs(dt, da, lam)
-
     n = tl.arange(0, BLOCK_N)
-    half = N // 2
-    first = n < half
-    pair = tl.where(first, n, n - half)
-    partner = tl.where(first, n + half, n - half)
-    sign = tl.where(first, -1.0, 1.0)
-    rot = (pair < S) & (n < N)
-    theta, cos_n, sin_n = _step_phase(ANG + b * ang_sb + h * ang_sh, ST_ANG + bh * S, pair, rot, dt)
+    partner, sign, pair, own, theta, cos_n, sin_n = _halves_phase(
+        ANG + b * ang_sb + h * ang_sh, ST_ANG + bh * S, n, dt, N, S)
 
-    p = tl.arange(0, BLOCK_P)
+    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     nmask = n < N
     pmask = p < P
     x = tl.load(V + b * v_sb + h * P + p, mask=pmask, other=0.0).to(tl.float32)
@@ -75,8 +102,9 @@ def _mimo_step_kernel(Q, K, V, dA, DT, TRAP, QB, KB, ANG, PSI, ZETA, PHI, D, Z, 
         k_prev = tl.load(kptr, mask=nmask, other=0.0).to(tl.float32)
         k = _rotated_halves(K + b * k_sb + (r * G + g) * N, KB + (h * R + r) * N, n, partner, N, sign, cos_n, sin_n)
         s += (beta * psi * v_prev)[:, None] * k_prev[None, :] + (gamma * psi * x)[:, None] * k[None, :]
-        tl.debug_barrier()  # every warp has read k_prev[r] before its slot is overwritten
-        tl.store(kptr, k.to(ST_K.dtype.element_ty), mask=nmask)
+        if WRITE_KA:
+            tl.debug_barrier()  # every warp has read k_prev[r] before its slot is overwritten
+            tl.store(kptr, k.to(ST_K.dtype.element_ty), mask=nmask)
 
     if HAS_D:
         dh = tl.load(D + h).to(tl.float32)
@@ -87,7 +115,7 @@ def _mimo_step_kernel(Q, K, V, dA, DT, TRAP, QB, KB, ANG, PSI, ZETA, PHI, D, Z, 
     out = tl.zeros([BLOCK_P], dtype=tl.float32)
     for r in tl.static_range(R):
         q = _rotated_halves(Q + b * q_sb + (r * G + g) * N, QB + (h * R + r) * N, n, partner, N, sign, cos_n, sin_n)
-        y = tl.sum(s * q[None, :], axis=1)                                    # [P]
+        y = tl.sum(s * q[None, :], axis=1)                                    # [BLOCK_P]
         if HAS_D:
             y += dh * tl.load(PSI + (h * R + r) * P + p, mask=pmask, other=0.0).to(tl.float32) * x
         if HAS_NORM:
@@ -97,12 +125,32 @@ def _mimo_step_kernel(Q, K, V, dA, DT, TRAP, QB, KB, ANG, PSI, ZETA, PHI, D, Z, 
             y = y * zr * tl.sigmoid(zr)
         out += tl.load(PHI + (h * R + r) * P + p, mask=pmask, other=0.0).to(tl.float32) * y
 
-    tl.debug_barrier()  # v_prev and theta_prev read by every warp before they are overwritten
+    tl.debug_barrier()  # v_prev (and theta_prev) read by every warp before they are overwritten
     tl.store(sptr, s.to(ST_SSM.dtype.element_ty), mask=smask)
     tl.store(OUT + bh * P + p, out.to(OUT.dtype.element_ty), mask=pmask)
     tl.store(ST_V + bh * P + p, x.to(ST_V.dtype.element_ty), mask=pmask)
-    wrapped = theta - 6.283185307179586 * tl.floor(theta / 6.283185307179586)
-    tl.store(ST_ANG + bh * S + pair, wrapped, mask=rot & first)
+    if WRITE_KA:
+        _store_wrapped_phase(ST_ANG + bh * S, pair, own, theta)
+
+
+@triton.jit
+def _mimo_step_cache_kernel(K, KB, ANG, DT, ST_ANG, ST_K, H, G, N, S, k_sb, dt_sb, ang_sb, ang_sh,
+                            R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """P-split path, after every block of _mimo_step_kernel: state.k[b, :, h] <- the rotated
+    biased k_t of every rank, state.angle[b, h] <- theta mod 2 pi (same math as the main kernel)."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    g = h // (H // G)
+    dt = tl.load(DT + b * dt_sb + h).to(tl.float32)
+    n = tl.arange(0, BLOCK_N)
+    partner, sign, pair, own, theta, cos_n, sin_n = _halves_phase(
+        ANG + b * ang_sb + h * ang_sh, ST_ANG + bh * S, n, dt, N, S)
+    for r in tl.static_range(R):
+        k = _rotated_halves(K + b * k_sb + (r * G + g) * N, KB + (h * R + r) * N, n, partner, N, sign, cos_n, sin_n)
+        tl.store(ST_K + ((b * R + r) * H + h) * N + n, k.to(ST_K.dtype.element_ty), mask=n < N)
+    tl.debug_barrier()  # theta_prev read by every warp before it is overwritten
+    _store_wrapped_phase(ST_ANG + bh * S, pair, own, theta)
 
 
 def _rows(t: torch.Tensor):
@@ -117,12 +165,31 @@ def _rows(t: torch.Tensor):
     return t, t.stride(0)
 
 
+def _p_block(P: int, p_blocks: Optional[int], norm: bool) -> int:
+    """BLOCK_P of the launch: next_pow2(P) // p_blocks, at least 16 (or next_pow2(P) if smaller);
+    p_blocks None: 4 without the norm for P >= 64, else 1. The norm needs all of P: one block."""
+    full = triton.next_power_of_2(P)
+    if norm:
+        return full
+    if p_blocks is None:
+        p_blocks = 4 if P >= 64 else 1
+    return max(full // p_blocks, min(16, full))
+
+
 def mamba3_mimo_step_triton(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z,
                             state: Mamba3State, outproj_norm_weight: Optional[torch.Tensor] = None,
-                            outproj_norm_eps: float = 1e-5, num_warps: Optional[int] = None) -> torch.Tensor:
+                            outproj_norm_eps: float = 1e-5, num_warps: Optional[int] = None,
+                            p_blocks: Optional[int] = None) -> torch.Tensor:
     """One MIMO decode token (shapes as :func:`mamba3.ops.mamba3_mimo_step`, already validated);
     ``state`` is updated in place (its tensors must be contiguous; angle float32, ssm fp32 / bf16 /
-    fp16). Returns out [B, H, P] in v's dtype. No autograd."""
+    fp16). Returns out [B, H, P] in v's dtype. No autograd.
+
+    p_blocks: split of P over programs (a positive power of two; None: 4 for P >= 64, else 1).
+    BLOCK_P = next_pow2(P) // p_blocks, clamped to at least 16; with the out-proj norm, or when
+    that leaves one block, the single-program kernel runs. num_warps: of the main kernel."""
+    if p_blocks is not None and (isinstance(p_blocks, bool) or not isinstance(p_blocks, int)
+                                 or p_blocks < 1 or p_blocks & (p_blocks - 1)):
+        raise ValueError(f"p_blocks must be None or a positive power of two, got {p_blocks!r}")
     check_triton_inputs(16, [("q", q), ("k", k), ("v", v), ("dA", dA), ("dt", dt), ("trap", trap),
                              ("q_bias", q_bias), ("k_bias", k_bias), ("angles", angles), ("mimo_x", mimo_x),
                              ("mimo_z", mimo_z), ("mimo_o", mimo_o), ("D", D), ("z", z),
@@ -146,16 +213,33 @@ def mamba3_mimo_step_triton(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_
     qb, kb = q_bias.float().contiguous(), k_bias.float().contiguous()
     c = lambda t: None if t is None else t.contiguous()
     psi, zeta, phi, D, w = map(c, (mimo_x, mimo_z, mimo_o, D, outproj_norm_weight))
-    BN, BP = triton.next_power_of_2(max(N, 2)), triton.next_power_of_2(P)
-    # H100, B=128, H=64, P=64, N=128, R=4: 2 warps 205 us (bf16 state) / 358 us (fp32) per layer,
-    # 4 warps 424 / 758, 8 warps 506 / 597 (benchmarks/gpu_mimo_step.py)
-    nw = num_warps or (2 if BN * BP <= 8192 else 4)
-    _mimo_step_kernel[(B * H,)](
-        q, k, v, dA, dt, trap, qb, kb, nonempty(angles, dt), psi, zeta, phi,
+    BN = triton.next_power_of_2(max(N, 2))
+    BP = _p_block(P, p_blocks, w is not None)
+    split = triton.cdiv(P, BP)
+    if split == 1:
+        # H100, B=128, H=64, P=64, N=128, R=4: 2 warps 205 us (bf16 state) / 358 us (fp32) per layer,
+        # 4 warps 424 / 758, 8 warps 506 / 597 (benchmarks/gpu_mimo_step.py). ptxas (sm_90, that
+        # shape, 2 warps): 255 registers and 68 / 272 B spilled (bf16 / fp32 state): 4 blocks, 8
+        # warps an SM, so few loads in flight.
+        nw = num_warps or (2 if BN * BP <= 8192 else 4)
+    else:
+        # To be measured (benchmarks/gpu_mimo_step.py times p_blocks 1/2/4 x warps 1/2/4). ptxas
+        # (sm_90, same shape, BLOCK_P 16): 1 warp 255 registers, 2 warps 130 (bf16 state) / 168
+        # (fp32), 4 warps 140, none spilled; so 2 warps: 7 (bf16) / 6 blocks = 14 / 12 warps an
+        # SM, 4 warps 3 blocks = 12 warps, with the N reduction inside each warp either way.
+        # BLOCK_P 32 (p_blocks 2) takes 255 registers at 2 and 4 warps.
+        nw = num_warps or 2
+    ang_arg, st_ang = nonempty(angles, dt), nonempty(state.angle, dt)
+    _mimo_step_kernel[(B * H, split)](
+        q, k, v, dA, dt, trap, qb, kb, ang_arg, psi, zeta, phi,
         out if D is None else D, out if z is None else z, out if w is None else w,
-        nonempty(state.angle, dt), state.ssm, state.k, state.v, out,
+        st_ang, state.ssm, state.k, state.v, out,
         H, G, N, P, S, float(outproj_norm_eps),
         q_sb, k_sb, v_sb, z_sb, da_sb, dt_sb, trap_sb, ang_sb, ang_sh,
         R=R, HAS_D=D is not None, HAS_Z=z is not None, HAS_NORM=w is not None,
-        BLOCK_N=BN, BLOCK_P=BP, num_warps=nw)
+        WRITE_KA=split == 1, BLOCK_N=BN, BLOCK_P=BP, num_warps=nw)
+    if split > 1:   # same stream: starts after every block above has read the old k / theta
+        _mimo_step_cache_kernel[(B * H,)](
+            k, kb, ang_arg, dt, st_ang, state.k, H, G, N, S, k_sb, dt_sb, ang_sb, ang_sh,
+            R=R, BLOCK_N=BN, num_warps=1 if BN <= 128 else 2)
     return out
