@@ -351,7 +351,7 @@ def _run_synthetic(cfg: SyntheticConfig, log, deadline: Optional[float]) -> dict
     n_marks, marks_done = len(stages) * max(1, cfg.evals_per_stage), 0  # extra validations at p = k / n_marks
     resumed_from = None
     if cfg.checkpoint and os.path.exists(cfg.checkpoint):
-        ck = torch.load(cfg.checkpoint, map_location=cfg.device, weights_only=False)
+        ck = torch.load(cfg.checkpoint, map_location="cpu", weights_only=False)  # generator state stays on CPU
         if ck["config"] != _resume_key(cfg):
             raise ValueError(f"checkpoint {cfg.checkpoint} is of another run: {ck['config']} != {_resume_key(cfg)}")
         model.load_state_dict(ck["model"])

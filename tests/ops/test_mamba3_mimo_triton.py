@@ -450,7 +450,7 @@ class _LaunchSpy:
     (4, 64, 4, 1, True, False, False, torch.float32, 4),      # no D / z
     (4, 64, 2, 2, False, True, False, torch.bfloat16, 4),
     (2, 48, 2, 1, True, True, False, torch.bfloat16, 2),      # P not a power of two: last block masked
-    (None, 64, 2, 1, False, True, False, torch.float32, 4),   # automatic: 4 blocks
+    (None, 64, 2, 1, False, True, False, torch.float32, 2),   # automatic: 2 blocks
     (4, 64, 2, 1, True, True, True, torch.float32, 1),        # the norm needs all of P: single kernel
     (None, 32, 2, 1, False, False, True, torch.bfloat16, 1),
 ])

@@ -167,12 +167,12 @@ def _rows(t: torch.Tensor):
 
 def _p_block(P: int, p_blocks: Optional[int], norm: bool) -> int:
     """BLOCK_P of the launch: next_pow2(P) // p_blocks, at least 16 (or next_pow2(P) if smaller);
-    p_blocks None: 4 without the norm for P >= 64, else 1. The norm needs all of P: one block."""
+    p_blocks None: 2 without the norm for P >= 64, else 1. The norm needs all of P: one block."""
     full = triton.next_power_of_2(P)
     if norm:
         return full
     if p_blocks is None:
-        p_blocks = 4 if P >= 64 else 1
+        p_blocks = 2 if P >= 64 else 1
     return max(full // p_blocks, min(16, full))
 
 
@@ -184,7 +184,7 @@ def mamba3_mimo_step_triton(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_
     ``state`` is updated in place (its tensors must be contiguous; angle float32, ssm fp32 / bf16 /
     fp16). Returns out [B, H, P] in v's dtype. No autograd.
 
-    p_blocks: split of P over programs (a positive power of two; None: 4 for P >= 64, else 1).
+    p_blocks: split of P over programs (a positive power of two; None: 2 for P >= 64, else 1).
     BLOCK_P = next_pow2(P) // p_blocks, clamped to at least 16; with the out-proj norm, or when
     that leaves one block, the single-program kernel runs. num_warps: of the main kernel."""
     if p_blocks is not None and (isinstance(p_blocks, bool) or not isinstance(p_blocks, int)
@@ -223,12 +223,11 @@ def mamba3_mimo_step_triton(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_
         # warps an SM, so few loads in flight.
         nw = num_warps or (2 if BN * BP <= 8192 else 4)
     else:
-        # To be measured (benchmarks/gpu_mimo_step.py times p_blocks 1/2/4 x warps 1/2/4). ptxas
-        # (sm_90, same shape, BLOCK_P 16): 1 warp 255 registers, 2 warps 130 (bf16 state) / 168
-        # (fp32), 4 warps 140, none spilled; so 2 warps: 7 (bf16) / 6 blocks = 14 / 12 warps an
-        # SM, 4 warps 3 blocks = 12 warps, with the N reduction inside each warp either way.
-        # BLOCK_P 32 (p_blocks 2) takes 255 registers at 2 and 4 warps.
-        nw = num_warps or 2
+        # H100, same shape (gpu_mimo_step.py, us per layer, bf16 / fp32 state): p_blocks 2 at
+        # 1 warp 197 / 322 (the best), 2 warps 266 / 451, 4 warps 418 / 541; p_blocks 4 at 1 warp
+        # 233 / 364, 2 warps 293 / 405. Fewer registers per program (ptxas: BLOCK_P 16 at 2 warps
+        # 130 / 168, no spills) did not pay: the extra launch and the k / angle recompute did.
+        nw = num_warps or 1
     ang_arg, st_ang = nonempty(angles, dt), nonempty(state.angle, dt)
     _mimo_step_kernel[(B * H, split)](
         q, k, v, dA, dt, trap, qb, kb, ang_arg, psi, zeta, phi,
