@@ -124,6 +124,11 @@ class GraphDecoder:
         return self.tok
 
 
+def _prefill_compile(compile, compile_prefill: Optional[bool]):
+    """What the prefill slices are compiled with: ``compile``, unless compile_prefill is False."""
+    return False if compile_prefill is False else compile
+
+
 @torch.no_grad()
 def fast_generate(model: LanguageModel, prompt: torch.Tensor, new_tokens: int, *, prefill_chunk: int = 512,
                   use_cuda_graph: Optional[bool] = None, state_dtype=None, compile: bool = False,
@@ -133,7 +138,7 @@ def fast_generate(model: LanguageModel, prompt: torch.Tensor, new_tokens: int, *
     see :func:`prefill`, :class:`GraphDecoder`); on a model's first call at a prompt length
     prefill_s includes the prefill compilation and capture_s the step's. compile_prefill=False
     compiles the decode step only (None: as ``compile``)."""
-    compile_prefill = compile if compile_prefill is None else (compile if compile_prefill else False)
+    compile_prefill = _prefill_compile(compile, compile_prefill)
     device = prompt.device
     use_cuda_graph = device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
     B, n = prompt.shape
@@ -170,7 +175,7 @@ def run_config(preset: str, n: int, *, batch: int = 128, decode_steps: Optional[
         torch.cuda.reset_peak_memory_stats()
     kw = dict(prefill_chunk=prefill_chunk, state_dtype=state_dtype, compile=compile, compile_prefill=compile_prefill)
     # warm-up (and compilation: prefill compiles per slice length, hence the whole prompt)
-    compiles_prefill = compile and compile_prefill is not False
+    compiles_prefill = bool(_prefill_compile(compile, compile_prefill))
     fast_generate(model, prompt if compiles_prefill else prompt[:, : min(n, 256)], 4, **kw)
     runs = [fast_generate(model, prompt, steps, **kw) for _ in range(reps)]
     mean = lambda k: sum(r[k] for r in runs) / len(runs)

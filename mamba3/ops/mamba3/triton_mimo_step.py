@@ -19,8 +19,8 @@ Two launch shapes:
 - P split: grid (B*H, P / BLOCK_P); a program owns rows [j BLOCK_P, (j+1) BLOCK_P) of the state,
   out and state.v. Every block needs the previous token's k and theta, so the main kernel leaves
   state.k / state.angle alone and a small second kernel (grid B*H, stream-ordered after the first)
-  recomputes the rotated k_t and the wrapped theta and writes them. 4x the programs for the same
-  bytes: more loads in flight per SM for a latency-bound step.
+  recomputes the rotated k_t and the wrapped theta and writes them. The default (H100) is 2 blocks
+  at 1 warp, 4 % (bf16 state) / 10 % (fp32) faster than the single launch; 4 blocks were slower.
 """
 from __future__ import annotations
 
