@@ -11,7 +11,8 @@ Keys: triton_us is the default launch (P split 4 without the norm, single kernel
 triton_us_w{2,8} the single kernel (p_blocks=1) at those warps; without the norm also the P
 split: triton_us_p{1,2,4} (default warps), triton_us_p{2,4}_w{1,2,4}, and out_err_p* /
 state_err_p* (worst state field) of three tokens at each p_blocks; best_us / best_key: the
-fastest of all timed launches.
+fastest of all timed launches. The tensor-core form: dot_{tf32,ieee}_{out,state}_err and
+triton_us_dot_{prec}_p{1,2,4}_w{1,2,4} (ieee only with the fp32 state; p1 only with the norm).
 """
 from __future__ import annotations
 
@@ -77,6 +78,19 @@ def main() -> int:
                         row[f"triton_us_p{pb}_w{nwarps}"] = 1e3 * triton.testing.do_bench_cudagraph(
                             lambda: mamba3_mimo_step_triton(*args, st, None, 1e-5, num_warps=nwarps, p_blocks=pb),
                             return_mode="median")
+            # the tensor-core form (dot=True): errors of three tokens and timings per launch shape
+            precs = ["tf32"] + (["ieee"] if sd == torch.float32 else [])
+            for prec in precs:
+                st_d = Mamba3State(*(t.clone() for t in st0))
+                for _ in range(3):
+                    out_d = mamba3_mimo_step_triton(*args, st_d, nw, 1e-5, dot=True, dot_precision=prec)
+                row[f"dot_{prec}_out_err"] = rel(out_d, ref)
+                row[f"dot_{prec}_state_err"] = max(rel(a, b) for a, b in zip(st_d, ref_st))
+                for pb in ((1, 2, 4) if nw is None else (1,)):
+                    for nwarps in (1, 2, 4):
+                        row[f"triton_us_dot_{prec}_p{pb}_w{nwarps}"] = 1e3 * triton.testing.do_bench_cudagraph(
+                            lambda: mamba3_mimo_step_triton(*args, st, nw, 1e-5, num_warps=nwarps, p_blocks=pb,
+                                                            dot=True, dot_precision=prec), return_mode="median")
             timed = {key: us for key, us in row.items() if key.startswith("triton_us")}
             row["best_key"] = min(timed, key=timed.get)
             row["best_us"] = timed[row["best_key"]]

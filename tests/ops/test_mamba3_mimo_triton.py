@@ -433,14 +433,18 @@ def test_step_half_precision_inputs_and_cache():
 
 
 class _LaunchSpy:
-    """Stands in for a @triton.jit kernel and records each launch grid."""
+    """Stands in for a @triton.jit kernel and records each launch grid (and, with ``meta``, the
+    launch's keyword arguments: constexprs and num_warps)."""
 
-    def __init__(self, kernel, grids):
-        self.kernel, self.grids = kernel, grids
+    def __init__(self, kernel, grids, meta=None):
+        self.kernel, self.grids, self.meta = kernel, grids, meta
 
     def __getitem__(self, grid):
         self.grids.append(tuple(grid))
-        return self.kernel[grid]
+        launch = self.kernel[grid]
+        if self.meta is None:
+            return launch
+        return lambda *a, **kw: self.meta.append(kw) or launch(*a, **kw)
 
 
 @pytest.mark.parametrize("p_blocks,P,R,G,per_head,optional,norm,state_dtype,split", [
@@ -491,3 +495,70 @@ def test_step_p_blocks_must_be_a_positive_power_of_two(p_blocks):
     with pytest.raises(ValueError, match=r"p_blocks must be None or a positive power of two, got "):
         mamba3_mimo_step_triton(*step_args(x, 0), st, p_blocks=p_blocks)
     assert all(torch.equal(a, b) for a, b in zip(st, before))
+
+
+@pytest.mark.parametrize("P,R,G,per_head,optional,norm,state_dtype,p_blocks,prec", [
+    (32, 2, 1, False, True, False, torch.float32, None, "ieee"),   # fp32 state, full-precision dots
+    (32, 4, 2, True, True, True, torch.bfloat16, None, None),      # R = 4: 2R = 8 of the 16 columns
+    (64, 4, 1, True, False, False, torch.float32, 2, "tf32"),      # P split, no D / z
+    (48, 2, 1, True, True, False, torch.bfloat16, 2, None),        # P not a power of two
+    (32, 1, 1, False, True, True, torch.float32, None, "ieee"),
+    (16, 8, 1, False, True, False, torch.float32, None, "ieee"),   # 2R = 16: every column used
+])
+def test_step_dot_form_matches_fp64_reference_token_by_token(monkeypatch, P, R, G, per_head, optional, norm,
+                                                             state_dtype, p_blocks, prec):
+    """dot=True (rank-R update and readout as tensor-core products) == the float64 reference step
+    after each of 4 tokens: out and every state field; the launch really took the dot branch."""
+    import mamba3.ops.mamba3.triton_mimo_step as tms
+    grids, meta = [], []
+    monkeypatch.setattr(tms, "_mimo_step_kernel", _LaunchSpy(tms._mimo_step_kernel, grids, meta))
+    B, H, N, T = 2, 2, 32, 4
+    x = make_inputs(B=B, T=T, R=R, G=G, H=H, N=N, P=P, per_head_angles=per_head, norm=norm, seed=70 + P + R)
+    if not optional:
+        x["D"], x["z"] = None, None
+    st = Mamba3State(*(t.to(DEV) for t in make_state(B, R, H=H, N=N, P=P, seed=71)))
+    st = st._replace(ssm=st.ssm.to(state_dtype))
+    st64 = Mamba3State(*(t.double().cpu() for t in st))
+    # tf32 products round operands to 10 mantissa bits; a bf16 state is coarser still
+    tol = 1e-5 if prec == "ieee" else 2e-2
+    for t in range(T):
+        y = tms.mamba3_mimo_step_triton(*step_args(x, t), st, x.get("w"), 1e-5, p_blocks=p_blocks, dot=True,
+                                        dot_precision=prec)
+        y_ref, st64 = mamba3_mimo_step_reference(*[None if a is None else a.double().cpu() for a in step_args(x, t)],
+                                                 st64, None if x.get("w") is None else x["w"].double().cpu())
+        assert rel(y, y_ref) < tol, f"out, token {t}"
+        for name, a, b in zip(Mamba3State._fields, st, st64):
+            assert rel(a, b) < tol, f"state.{name}, token {t}"
+    assert all(kw["DOT"] and kw["BLOCK_R"] == 16 for kw in meta) and len(meta) == T
+    split = 2 if p_blocks == 2 else 1
+    assert grids == [(B * H, split)] * T
+
+
+@pytest.mark.parametrize("state_dtype,matmul_precision,dot,kw_expected", [
+    (torch.bfloat16, "highest", None, dict(DOT=True, PREC="tf32", num_warps=2)),
+    (torch.float32, "highest", None, dict(DOT=False, PREC="ieee", num_warps=1)),   # ieee dots are slow
+    (torch.float32, "high", None, dict(DOT=True, PREC="tf32", num_warps=2)),
+    (torch.bfloat16, "highest", False, dict(DOT=False, num_warps=1)),
+])
+def test_step_dot_default_follows_the_precision(monkeypatch, state_dtype, matmul_precision, dot, kw_expected):
+    """The default launch: tensor-core dots (one P block, 2 warps) when they would run as tf32 (bf16
+    state, or fp32 state under torch's "high" fp32 matmul precision), else the CUDA-core form with
+    the P split; the result matches the reference either way."""
+    import mamba3.ops.mamba3.triton_mimo_step as tms
+    grids, meta = [], []
+    monkeypatch.setattr(tms, "_mimo_step_kernel", _LaunchSpy(tms._mimo_step_kernel, grids, meta))
+    B, H, N, P, R = 2, 2, 32, 64, 2
+    x = make_inputs(B=B, T=1, R=R, H=H, N=N, P=P, seed=80)
+    st = Mamba3State(*(t.to(DEV) for t in make_state(B, R, H=H, N=N, P=P, seed=81)))
+    st = st._replace(ssm=st.ssm.to(state_dtype))
+    st64 = Mamba3State(*(t.double().cpu() for t in st))
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(matmul_precision)
+    try:
+        y = tms.mamba3_mimo_step_triton(*step_args(x, 0), st, dot=dot)
+    finally:
+        torch.set_float32_matmul_precision(old)
+    y_ref, _ = mamba3_mimo_step_reference(*[None if a is None else a.double().cpu() for a in step_args(x, 0)], st64)
+    assert rel(y, y_ref) < (1e-5 if kw_expected.get("PREC") == "ieee" else 2e-2)
+    assert {k: meta[0][k] for k in kw_expected} == kw_expected
+    assert grids == [(B * H, 1 if kw_expected["DOT"] else 2)]
