@@ -5,9 +5,10 @@ Single-SSD fold of chunked.py (SPEC section 2), chunk-parallel:
              (chunk, batch*head) writes the biased/rotated q, the rotated/scaled k and the skip
              coefficient D + gamma <q, k>; the SSD core then runs in chunk groups with the state in
              registers and writes intra + inter + skip x, gated by silu(z).
-    backward (triton_siso_bwd.py): SSD-core backward (three launches mirroring the forward), a
-             kernel back through bias/rotation/scale per chunk, and [B, T, H(, S)] PyTorch algebra
-             (reverse phase cumsum, dt/trap chain rule, group and bias reductions).
+    backward (triton_siso_bwd.py): the gate backward and skip sum in one pass over [B, T, H, P],
+             the SSD-core backward (three launches mirroring the forward), a kernel back through
+             bias/rotation/scale per chunk (also dv's skip term and the bias partial sums), and
+             [B, T, H(, S)] PyTorch algebra (reverse phase cumsum, dt/trap chain rule, group sums).
 Inputs fp32, bf16 or fp16: matmul operands in v's dtype (fp32 multiplies in full fp32), fp32
 accumulation. Varlen input is right-padded per sequence (padding has dt = dA = 0, which changes
 nothing), as chunked.py does.
@@ -22,7 +23,7 @@ from torch import Tensor
 
 from .common import (Mamba3State, angle_increments, cumulative_angles, expand_groups, rotate_interleaved,
                      siso_varlen)
-from .triton_siso_bwd import prep_bwd, ssd_core_bwd
+from .triton_siso_bwd import gate_bwd, prep_bwd, ssd_core_bwd
 from .triton_siso_fwd import INTERPRET, chunk_start_phases, mamba3_fused_fwd, ssd_core_fwd
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -156,23 +157,16 @@ class Mamba3SisoFn(torch.autograd.Function):
         kd, C = ctx.meta
         B, T, H, P = v.shape
         G, N = q.shape[2], q.shape[3]
-        dy = torch.zeros(v.shape, device=v.device) if dy is None else dy.float()
-        dz = None
-        if z is not None:
-            sg = torch.sigmoid(z.float())
-            dO = dy * z.float() * sg
-            dz = dy * ypre.float() * sg * (1.0 + z.float() * (1.0 - sg))
-        else:
-            dO = dy
+        if dy is None:
+            dy = torch.zeros(v.shape, device=v.device, dtype=v.dtype)
+        dO, dz, dskip = gate_bwd(dy, z, ypre, v, kd)            # one pass over [B, T, H, P]
         vk = v if v.dtype == kd else v.to(kd)
-        dQ, dK, dV, ddA, dS0 = ssd_core_bwd(Q, K, vk, dA, dO.to(kd).contiguous(), states, dec,
+        dQ, dK, dV, ddA, dS0 = ssd_core_bwd(Q, K, vk, dA, dO, states, dec,
                                             None if dfinal is None else dfinal.float().contiguous(), C)
-        dskip = (dO * v.float()).sum(-1).contiguous()                          # [B, T, H]
-        dqh, dkh, dth, dcs, qk = prep_bwd(q, k, q_bias, k_bias, dt, trap, angles, th0, dQ, dK, dskip, C)
+        dqh, dkh, dth, dcs, dgamma, dv, dqb, dkb = prep_bwd(q, k, q_bias, k_bias, dt, trap, angles, th0, D, dQ, dK,
+                                                           dskip, dV, dO, v.dtype, C)
         lam = torch.sigmoid(trap.float())
         dt32 = dt.float()
-        skip = lam * dt32 * qk if D is None else lam * dt32 * qk + D.float()   # D + gamma <q, k>
-        dv = dV + skip.unsqueeze(-1) * dO
         # phase: theta_t = a0 + sum_{r<=t} dt_r pi tanh(angles_r)  ->  reverse cumsum
         # (scanned with T innermost: torch's scan over an outer dim of [B, T, H, S] was ~40x slower)
         csum = dth.permute(0, 2, 3, 1).contiguous().cumsum(-1)                # [B, H, S, T]
@@ -186,7 +180,6 @@ class Mamba3SisoFn(torch.autograd.Function):
             ddt_phase = (dinc * rate).sum(-1)
             dang = dinc * dt32.unsqueeze(-1) * torch.pi * (1 - th * th)
         # c_t = gamma_t + u_{t+1}, u_t = (1 - lam_t) dt_t;  S0 = s0 + u_0 v0 k0^T
-        dgamma = dcs + dskip * qk
         du = F.pad(dcs[:, :-1], (0, 0, 1, 0))
         if s0 is not None:
             du[:, 0] = du[:, 0] + torch.einsum("bhpn,bhp,bhn->bh", dS0, v0.float(), k0.float())
@@ -204,7 +197,7 @@ class Mamba3SisoFn(torch.autograd.Function):
             da0 = dinc[:, 0]
         cast = lambda gr, ref: None if gr is None or ref is None else gr.to(ref.dtype)
         return (cast(dq, q), cast(dk, k), cast(dv, v), cast(ddA, dA), cast(ddt, dt), cast(dtrap, trap),
-                cast(dqh.sum((0, 1)), q_bias), cast(dkh.sum((0, 1)), k_bias), cast(dang, angles),
+                cast(dqb, q_bias), cast(dkb, k_bias), cast(dang, angles),
                 None if D is None else dskip.sum((0, 1)).to(D.dtype), cast(dz, z), cast(da0, a0), cast(ds0, s0),
                 cast(dk0, k0), cast(dv0, v0), None, None, None)
 

@@ -185,13 +185,58 @@ def ssd_core_bwd(Q, K, V, dA, dY, states, dec, dSF, chunk_size: int):
 
 
 @triton.jit
-def _prep_bwd_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, dQ, dK, DSKIP, DQH, DKH, DTH, DCS, DGD,
-                     T, H, G, nc, N, S, sqb, sqt, sqg, sdb, sdt, sdh, sab, sat, sah,
-                     CHUNK: tl.constexpr, BLOCK_N2: tl.constexpr):
+def _gate_bwd_kernel(DY, Z, YPRE, V, DO, DZ, DSKIP, M, P,
+                     HAS_Z: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Rows m of [M, P] (M = B T H, all contiguous): y = ypre * silu(z) backward and the skip
+    sum, in one pass. dO = dy z sigmoid(z) (dy without z), dz = dy ypre sg (1 + z (1 - sg)),
+    dskip[m] = sum_p dO v (fp32, from the unrounded dO)."""
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    p = tl.arange(0, BLOCK_P)
+    mask = (m[:, None] < M) & (p[None, :] < P)
+    off = m.to(tl.int64)[:, None] * P + p[None, :]
+    dy = tl.load(DY + off, mask=mask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(Z + off, mask=mask, other=0.0).to(tl.float32)
+        sg = tl.sigmoid(z)
+        do = dy * z * sg
+        ypre = tl.load(YPRE + off, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DZ + off, (dy * ypre * sg * (1.0 + z * (1.0 - sg))).to(DZ.dtype.element_ty), mask=mask)
+    else:
+        do = dy
+    tl.store(DO + off, do.to(DO.dtype.element_ty), mask=mask)
+    v = tl.load(V + off, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DSKIP + m, tl.sum(do * v, axis=1), mask=m < M)
+
+
+def gate_bwd(dy, z, ypre, v, do_dtype):
+    """Launch :func:`_gate_bwd_kernel`: (dO [B, T, H, P] in ``do_dtype``, dz in z's dtype or None,
+    dskip [B, T, H] fp32). v, z, ypre contiguous [B, T, H, P]; dy any layout of that shape."""
+    B, T, H, P = v.shape
+    M = B * T * H
+    dy = dy.contiguous()
+    do = torch.empty(v.shape, device=v.device, dtype=do_dtype)
+    dz = None if z is None else torch.empty_like(z)
+    dskip = torch.empty(B, T, H, device=v.device, dtype=torch.float32)
+    BP = triton.next_power_of_2(P)
+    BM = max(1, 4096 // BP)
+    if M:
+        _gate_bwd_kernel[(triton.cdiv(M, BM),)](dy, dy if z is None else z, dy if z is None else ypre, v, do,
+                                               do if dz is None else dz, dskip, M, P, HAS_Z=z is not None,
+                                               BLOCK_M=BM, BLOCK_P=BP, num_warps=8)
+    return do, dz, dskip
+
+
+@triton.jit
+def _prep_bwd_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, dQ, dK, DSKIP, dVc, DO, Dp,
+                     DQH, DKH, DTH, DCS, DGAM, DV, DQB, DKB,
+                     T, H, G, nc, N, S, P, sqb, sqt, sqg, sdb, sdt, sdh, sab, sat, sah,
+                     HAS_D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_P: tl.constexpr):
     """Back through the per-token preparation of one chunk: from dQ (rotated q) and dK (rotated,
     scaled k) [B, T, H, N] fp32 and d(skip) [B, T, H] to the per-head gradients of the biased,
-    un-rotated q and k (DQH, DKH [B, T, H, N]), of the phase (DTH [B, T, H, S]), of the scale c
-    (DCS) [B, T, H], and the un-rotated dot <q + q_bias, k + k_bias> (DGD) [B, T, H]."""
+    un-rotated q and k (DQH, DKH [B, T, H, N]) and their sums over the chunk's tokens (the bias
+    gradients' partials DQB, DKB [B, nc, H, N]), of the phase (DTH [B, T, H, S]), of the scale c
+    (DCS) and of gamma through the skip (DGAM = DCS + dskip <q + q_bias, k + k_bias>) [B, T, H];
+    and dv = dV_core + (D + gamma <q, k>) dO [B, T, H, P] in DV's dtype."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -225,25 +270,48 @@ def _prep_bwd_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, dQ, dK, DSKIP, DQH, DKH, 
     tl.store(DQH + row[:, None] + n[None, :], _interleave(dqe_u, dqo_u, CHUNK, 2 * BLOCK_N2), mask=m)
     tl.store(DKH + row[:, None] + n[None, :], _interleave(dke_u, dko_u, CHUNK, 2 * BLOCK_N2), mask=m)
     tl.store(DCS + (b * T + t) * H + h, dcs, mask=tm)
-    tl.store(DGD + (b * T + t) * H + h, tl.sum(qe * ke + qo * ko, axis=1), mask=tm)
+    qk = tl.sum(qe * ke + qo * ko, axis=1)
+    tl.store(DGAM + (b * T + t) * H + h, dcs + dsk * qk, mask=tm)
+    # bias gradients: this chunk's sum over tokens (masked rows are zero), interleaved back to N
+    pb = ((b * nc + c) * H + h) * N + 2 * i
+    tl.store(DQB + pb, tl.sum(dqe_u, axis=0), mask=2 * i < N)
+    tl.store(DQB + pb + 1, tl.sum(dqo_u, axis=0), mask=2 * i + 1 < N)
+    tl.store(DKB + pb, tl.sum(dke_u, axis=0), mask=2 * i < N)
+    tl.store(DKB + pb + 1, tl.sum(dko_u, axis=0), mask=2 * i + 1 < N)
+    # dv = dV (core) + skip dO, skip = D + gamma <q, k>
+    skip = gamma * qk
+    if HAS_D:
+        skip += tl.load(Dp + h).to(tl.float32)
+    p = tl.arange(0, BLOCK_P)
+    mp = tm[:, None] & (p[None, :] < P)
+    rowp = ((b * T + t) * H + h) * P
+    dv = tl.load(dVc + rowp[:, None] + p[None, :], mask=mp, other=0.0) \
+        + skip[:, None] * tl.load(DO + rowp[:, None] + p[None, :], mask=mp, other=0.0).to(tl.float32)
+    tl.store(DV + rowp[:, None] + p[None, :], dv.to(DV.dtype.element_ty), mask=mp)
 
 
-def prep_bwd(q, k, q_bias, k_bias, dt, trap, angles, th0, dQ, dK, dskip, chunk_size):
-    """Launch :func:`_prep_bwd_kernel` (raw inputs contiguous as in the forward). Returns
-    (dqh, dkh [B, T, H, N], dtheta [B, T, H, S], dc, diag dot [B, T, H]), all fp32."""
+def prep_bwd(q, k, q_bias, k_bias, dt, trap, angles, th0, D, dQ, dK, dskip, dV, dO, dv_dtype, chunk_size):
+    """Launch :func:`_prep_bwd_kernel` (raw inputs contiguous as in the forward; dV fp32 and dO
+    contiguous [B, T, H, P]). Returns (dqh, dkh [B, T, H, N], dtheta [B, T, H, S], dc, dgamma
+    [B, T, H], all fp32; dv [B, T, H, P] in ``dv_dtype``; bias gradients dq_bias, dk_bias [H, N] fp32)."""
     B, T, H = dt.shape
     G, N = q.shape[2], q.shape[3]
+    P = dV.shape[-1]
     S = angles.shape[-1]
     nc = th0.shape[2]
     f32 = dict(device=dt.device, dtype=torch.float32)
     dqh, dkh = torch.empty(B, T, H, N, **f32), torch.empty(B, T, H, N, **f32)
     dth = torch.empty(B, T, H, S, **f32)
-    dcs, dgd = torch.empty(B, T, H, **f32), torch.empty(B, T, H, **f32)
+    dcs, dgam = torch.empty(B, T, H, **f32), torch.empty(B, T, H, **f32)
+    dqb, dkb = torch.empty(B, nc, H, N, **f32), torch.empty(B, nc, H, N, **f32)
+    dv = torch.empty(dV.shape, device=dV.device, dtype=dv_dtype)
     sa = (angles.stride(0), angles.stride(1), 0 if angles.dim() == 3 else angles.stride(2))
     BN2 = max(32, triton.next_power_of_2(N)) // 2
     angles, th0, dth_arg = nonempty(angles, dt), nonempty(th0, dt), nonempty(dth, dcs)
     _prep_bwd_kernel[(nc, B * H)](q, k, q_bias.float().contiguous(), k_bias.float().contiguous(), dt, trap, angles,
-                                  th0, dQ, dK, dskip, dqh, dkh, dth_arg, dcs, dgd, T, H, G, nc, N, S,
-                                  *q.stride()[:3], *dt.stride(), *sa, CHUNK=chunk_size, BLOCK_N2=BN2,
+                                  th0, dQ, dK, dskip, dV, dO, dcs if D is None else D,
+                                  dqh, dkh, dth_arg, dcs, dgam, dv, dqb, dkb, T, H, G, nc, N, S, P,
+                                  *q.stride()[:3], *dt.stride(), *sa, HAS_D=D is not None, CHUNK=chunk_size,
+                                  BLOCK_N2=BN2, BLOCK_P=triton.next_power_of_2(P),
                                   num_warps=8)  # ptxas: 4 warps spill ~1.2 KB per thread, 8 warps ~32 B
-    return dqh, dkh, dth, dcs, dgd
+    return dqh, dkh, dth, dcs, dgam, dv, dqb.sum((0, 1)), dkb.sum((0, 1))
