@@ -7,7 +7,7 @@ Single-SSD fold of chunked.py (SPEC section 2), chunk-parallel:
              registers and writes intra + inter + skip x, gated by silu(z).
     backward (triton_siso_bwd.py): the gate backward and skip sum in one pass over [B, T, H, P],
              the SSD-core backward (three launches mirroring the forward), a kernel back through
-             bias/rotation/scale per chunk (also dv's skip term and the bias partial sums), and
+             bias/rotation/scale per chunk (also d gamma and the bias partial sums), and
              [B, T, H(, S)] PyTorch algebra (reverse phase cumsum, dt/trap chain rule, group sums).
 Inputs fp32, bf16 or fp16: matmul operands in v's dtype (fp32 multiplies in full fp32), fp32
 accumulation. Varlen input is right-padded per sequence (padding has dt = dA = 0, which changes
@@ -153,7 +153,7 @@ class Mamba3SisoFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dfinal):
         (q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, a0, s0, k0, v0, th0,
-         ypre, Q, K, states, dec) = ctx.saved_tensors
+         ypre, Q, K, skip, states, dec) = ctx.saved_tensors
         kd, C = ctx.meta
         B, T, H, P = v.shape
         G, N = q.shape[2], q.shape[3]
@@ -161,10 +161,11 @@ class Mamba3SisoFn(torch.autograd.Function):
             dy = torch.zeros(v.shape, device=v.device, dtype=v.dtype)
         dO, dz, dskip = gate_bwd(dy, z, ypre, v, kd)            # one pass over [B, T, H, P]
         vk = v if v.dtype == kd else v.to(kd)
-        dQ, dK, dV, ddA, dS0 = ssd_core_bwd(Q, K, vk, dA, dO, states, dec,
-                                            None if dfinal is None else dfinal.float().contiguous(), C)
-        dqh, dkh, dth, dcs, dgamma, dv, dqb, dkb = prep_bwd(q, k, q_bias, k_bias, dt, trap, angles, th0, D, dQ, dK,
-                                                           dskip, dV, dO, v.dtype, C)
+        dQ, dK, dv, ddA, dS0 = ssd_core_bwd(Q, K, vk, dA, dO, states, dec,
+                                            None if dfinal is None else dfinal.float().contiguous(), C,
+                                            skip=skip, dv_dtype=v.dtype)        # dv includes skip dO
+        dqh, dkh, dth, dcs, dgamma, dqb, dkb = prep_bwd(q, k, q_bias, k_bias, dt, trap, angles, th0, dQ, dK,
+                                                       dskip, C)
         lam = torch.sigmoid(trap.float())
         dt32 = dt.float()
         # phase: theta_t = a0 + sum_{r<=t} dt_r pi tanh(angles_r)  ->  reverse cumsum

@@ -94,10 +94,10 @@ def _store_chunk(ptr, x, b, h, c, T, stride_b, stride_t, stride_h, CHUNK: tl.con
 
 
 @triton.jit
-def _chunk_bwd_kernel(Q, K, V, dA, dY, ST, GS, dQ, dK, dV, ddA, T, H, nc, N, P,
+def _chunk_bwd_kernel(Q, K, V, dA, dY, ST, GS, SKIP, dQ, dK, dV, ddA, T, H, nc, N, P,
                       sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, syb, syt, syh,
-                      CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
-                      PREC: tl.constexpr):
+                      HAS_SKIP: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_P: tl.constexpr, PREC: tl.constexpr):
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -145,15 +145,19 @@ def _chunk_bwd_kernel(Q, K, V, dA, dY, ST, GS, dQ, dK, dV, ddA, T, H, nc, N, P,
 
     _store_chunk(dQ, dq, b, h, c, T, sqb, sqt, sqh, CHUNK, BLOCK_N, N)
     _store_chunk(dK, dk, b, h, c, T, skb, skt, skh, CHUNK, BLOCK_N, N)
-    _store_chunk(dV, dv, b, h, c, T, svb, svt, svh, CHUNK, BLOCK_P, P)
     t = c * CHUNK + i
+    if HAS_SKIP:   # y_t += skip_t x_t (skip [B, T, H] fp32, dA's layout)
+        skip = tl.load(SKIP + b * sdb + t * sdt + h * sdh, mask=t < T, other=0.0)
+        dv += skip[:, None] * dy.to(tl.float32)
+    _store_chunk(dV, dv, b, h, c, T, svb, svt, svh, CHUNK, BLOCK_P, P)
     tl.store(ddA + b * sdb + t * sdt + h * sdh, dda, mask=t < T)
 
 
-def ssd_core_bwd(Q, K, V, dA, dY, states, dec, dSF, chunk_size: int):
-    """Gradients of :func:`ssd_core_fwd`: (dQ, dK, dV fp32 in the inputs' layouts, d dA fp32,
-    d initial state fp32 [B, H, P, N]). ``states`` are the forward's entering states; Q, K, V, dA,
-    dY must be contiguous (dY in Q's dtype)."""
+def ssd_core_bwd(Q, K, V, dA, dY, states, dec, dSF, chunk_size: int, skip=None, dv_dtype=torch.float32):
+    """Gradients of :func:`ssd_core_fwd`: (dQ, dK fp32, dV in ``dv_dtype``, in the inputs' layouts,
+    d dA fp32, d initial state fp32 [B, H, P, N]). ``states`` are the forward's entering states; Q,
+    K, V, dA, dY must be contiguous (dY in Q's dtype). ``skip`` [B, T, H] fp32 (dA's layout): the
+    output also had skip_t V_t, so dV gets skip_t dY_t."""
     B, T, H, N = Q.shape
     P = V.shape[-1]
     C = chunk_size
@@ -162,7 +166,7 @@ def ssd_core_bwd(Q, K, V, dA, dY, states, dec, dSF, chunk_size: int):
     dS0 = torch.empty(B, H, P, N, device=Q.device, dtype=torch.float32)
     dQ = torch.empty(Q.shape, device=Q.device, dtype=torch.float32)
     dK = torch.empty(K.shape, device=Q.device, dtype=torch.float32)
-    dV = torch.empty(V.shape, device=Q.device, dtype=torch.float32)
+    dV = torch.empty(V.shape, device=Q.device, dtype=dv_dtype)
     ddA = torch.empty(dA.shape, device=Q.device, dtype=torch.float32)
     BN, BP = max(16, triton.next_power_of_2(N)), max(16, triton.next_power_of_2(P))
     prec = dot_precision(Q.dtype)
@@ -177,10 +181,10 @@ def ssd_core_bwd(Q, K, V, dA, dY, states, dec, dSF, chunk_size: int):
                                                         HAS_DSF=dSF is not None, BLOCK=BLOCK,
                                                         NC_STATIC=static_loop(nc), num_warps=4)
     # dQ/dK/dV/ddA are fresh contiguous tensors with Q/K/V/dA's shapes, so the same strides apply
-    _chunk_bwd_kernel[(nc, B * H)](Q, K, V, dA, dY, states, gs, dQ, dK, dV, ddA, T, H, nc, N, P,
-                                   *Q.stride()[:3], *K.stride()[:3], *V.stride()[:3], *dA.stride(),
-                                   *dY.stride()[:3], CHUNK=C, BLOCK_N=BN, BLOCK_P=BP, PREC=prec,
-                                   num_warps=nw)
+    _chunk_bwd_kernel[(nc, B * H)](Q, K, V, dA, dY, states, gs, ddA if skip is None else skip, dQ, dK, dV, ddA,
+                                   T, H, nc, N, P, *Q.stride()[:3], *K.stride()[:3], *V.stride()[:3],
+                                   *dA.stride(), *dY.stride()[:3], HAS_SKIP=skip is not None, CHUNK=C,
+                                   BLOCK_N=BN, BLOCK_P=BP, PREC=prec, num_warps=nw)
     return dQ, dK, dV, ddA, dS0
 
 
@@ -227,16 +231,14 @@ def gate_bwd(dy, z, ypre, v, do_dtype):
 
 
 @triton.jit
-def _prep_bwd_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, dQ, dK, DSKIP, dVc, DO, Dp,
-                     DQH, DKH, DTH, DCS, DGAM, DV, DQB, DKB,
-                     T, H, G, nc, N, S, P, sqb, sqt, sqg, sdb, sdt, sdh, sab, sat, sah,
-                     HAS_D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_P: tl.constexpr):
+def _prep_bwd_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, dQ, dK, DSKIP, DQH, DKH, DTH, DCS, DGAM, DQB, DKB,
+                     T, H, G, nc, N, S, sqb, sqt, sqg, sdb, sdt, sdh, sab, sat, sah,
+                     CHUNK: tl.constexpr, BLOCK_N2: tl.constexpr):
     """Back through the per-token preparation of one chunk: from dQ (rotated q) and dK (rotated,
     scaled k) [B, T, H, N] fp32 and d(skip) [B, T, H] to the per-head gradients of the biased,
     un-rotated q and k (DQH, DKH [B, T, H, N]) and their sums over the chunk's tokens (the bias
     gradients' partials DQB, DKB [B, nc, H, N]), of the phase (DTH [B, T, H, S]), of the scale c
-    (DCS) and of gamma through the skip (DGAM = DCS + dskip <q + q_bias, k + k_bias>) [B, T, H];
-    and dv = dV_core + (D + gamma <q, k>) dO [B, T, H, P] in DV's dtype."""
+    (DCS) and of gamma through the skip (DGAM = DCS + dskip <q + q_bias, k + k_bias>) [B, T, H]."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -278,25 +280,14 @@ def _prep_bwd_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, dQ, dK, DSKIP, dVc, DO, D
     tl.store(DQB + pb + 1, tl.sum(dqo_u, axis=0), mask=2 * i + 1 < N)
     tl.store(DKB + pb, tl.sum(dke_u, axis=0), mask=2 * i < N)
     tl.store(DKB + pb + 1, tl.sum(dko_u, axis=0), mask=2 * i + 1 < N)
-    # dv = dV (core) + skip dO, skip = D + gamma <q, k>
-    skip = gamma * qk
-    if HAS_D:
-        skip += tl.load(Dp + h).to(tl.float32)
-    p = tl.arange(0, BLOCK_P)
-    mp = tm[:, None] & (p[None, :] < P)
-    rowp = ((b * T + t) * H + h) * P
-    dv = tl.load(dVc + rowp[:, None] + p[None, :], mask=mp, other=0.0) \
-        + skip[:, None] * tl.load(DO + rowp[:, None] + p[None, :], mask=mp, other=0.0).to(tl.float32)
-    tl.store(DV + rowp[:, None] + p[None, :], dv.to(DV.dtype.element_ty), mask=mp)
 
 
-def prep_bwd(q, k, q_bias, k_bias, dt, trap, angles, th0, D, dQ, dK, dskip, dV, dO, dv_dtype, chunk_size):
-    """Launch :func:`_prep_bwd_kernel` (raw inputs contiguous as in the forward; dV fp32 and dO
-    contiguous [B, T, H, P]). Returns (dqh, dkh [B, T, H, N], dtheta [B, T, H, S], dc, dgamma
-    [B, T, H], all fp32; dv [B, T, H, P] in ``dv_dtype``; bias gradients dq_bias, dk_bias [H, N] fp32)."""
+def prep_bwd(q, k, q_bias, k_bias, dt, trap, angles, th0, dQ, dK, dskip, chunk_size):
+    """Launch :func:`_prep_bwd_kernel` (raw inputs contiguous as in the forward). Returns (dqh, dkh
+    [B, T, H, N], dtheta [B, T, H, S], dc, dgamma [B, T, H], all fp32; bias gradients dq_bias,
+    dk_bias [H, N] fp32)."""
     B, T, H = dt.shape
     G, N = q.shape[2], q.shape[3]
-    P = dV.shape[-1]
     S = angles.shape[-1]
     nc = th0.shape[2]
     f32 = dict(device=dt.device, dtype=torch.float32)
@@ -304,14 +295,11 @@ def prep_bwd(q, k, q_bias, k_bias, dt, trap, angles, th0, D, dQ, dK, dskip, dV, 
     dth = torch.empty(B, T, H, S, **f32)
     dcs, dgam = torch.empty(B, T, H, **f32), torch.empty(B, T, H, **f32)
     dqb, dkb = torch.empty(B, nc, H, N, **f32), torch.empty(B, nc, H, N, **f32)
-    dv = torch.empty(dV.shape, device=dV.device, dtype=dv_dtype)
     sa = (angles.stride(0), angles.stride(1), 0 if angles.dim() == 3 else angles.stride(2))
     BN2 = max(32, triton.next_power_of_2(N)) // 2
     angles, th0, dth_arg = nonempty(angles, dt), nonempty(th0, dt), nonempty(dth, dcs)
     _prep_bwd_kernel[(nc, B * H)](q, k, q_bias.float().contiguous(), k_bias.float().contiguous(), dt, trap, angles,
-                                  th0, dQ, dK, dskip, dV, dO, dcs if D is None else D,
-                                  dqh, dkh, dth_arg, dcs, dgam, dv, dqb, dkb, T, H, G, nc, N, S, P,
-                                  *q.stride()[:3], *dt.stride(), *sa, HAS_D=D is not None, CHUNK=chunk_size,
-                                  BLOCK_N2=BN2, BLOCK_P=triton.next_power_of_2(P),
+                                  th0, dQ, dK, dskip, dqh, dkh, dth_arg, dcs, dgam, dqb, dkb, T, H, G, nc, N, S,
+                                  *q.stride()[:3], *dt.stride(), *sa, CHUNK=chunk_size, BLOCK_N2=BN2,
                                   num_warps=8)  # ptxas: 4 warps spill ~1.2 KB per thread, 8 warps ~32 B
-    return dqh, dkh, dth, dcs, dgam, dv, dqb.sum((0, 1)), dkb.sum((0, 1))
+    return dqh, dkh, dth, dcs, dgam, dqb.sum((0, 1)), dkb.sum((0, 1))

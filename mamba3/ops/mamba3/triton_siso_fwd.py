@@ -676,11 +676,12 @@ def mamba3_fused_fwd(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, th0, S
     ~350 spilled per thread.)
 
     Returns (y [B, T, H, P] in v's dtype, saved or None, entering chunk states, chunk decays, final
-    state fp32); saved = (y before the gate, prepared QS, KS [B, T, H, N]) and the states and
+    state fp32); saved = (y before the gate, prepared QS, KS [B, T, H, N], the skip coefficient
+    [B, T, H] fp32) and the states and
     decays (for the backward) only when ``save_pre``."""
     dd = dot_dtype or v.dtype
     vk = v if v.dtype == dd else v.to(dd)
     QS, KS, skip = prep_qk(q, k, dt, trap, q_bias, k_bias, angles, D, th0, chunk_size, dd)
     y, ypre, states, dec, final = ssd_group_fwd(QS, KS, vk, dA, skip, z, S0, chunk_size, out_dtype=v.dtype,
                                                 save=save_pre, groups=groups)
-    return y, ((ypre, QS, KS) if save_pre else None), states, dec, final
+    return y, ((ypre, QS, KS, skip) if save_pre else None), states, dec, final
