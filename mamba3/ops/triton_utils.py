@@ -37,7 +37,7 @@ SMEM_99KB = 99 * 1024            # sm_86 / sm_89 opt-in limit per block (101376 
 SMEM_BY_ARCH = {86: 99 * 1024, 89: 99 * 1024, 80: 163 * 1024, 90: 227 * 1024}
 
 # Pointer arguments that carry the activation dtype (bf16 / fp32); all other pointers are fp32.
-_DATA_PTRS = {"Q", "K", "V", "dY", "Z", "Y", "YPRE", "QS", "KS", "ST_K", "ST_V"}
+_DATA_PTRS = {"Q", "K", "V", "dY", "dV", "Z", "Y", "YPRE", "QS", "KS", "ST_K", "ST_V"}
 _STATE_PTRS = {"ST", "GS"}
 _INT_PARAMS = {"T", "H", "N", "P", "G", "S", "PN", "CPG"}  # sizes; every other capitalised name is a pointer  # chunk states: activation dtype under bf16 (st_dtype), fp32 otherwise
 
@@ -67,6 +67,8 @@ def launch_params(kernel: str, chunk: int, d_state: int, headdim: int, dtype=Non
         if kernel == "group_out":
             const.update(HAS_SIN=True, WRITE_FINAL=True, HAS_SKIP=True, HAS_Z=True, SAVE=True)
         return const, (8 if ieee else 4)
+    if kernel == "chunk_bwd":
+        const["HAS_SKIP"] = True   # the Mamba-3 backward adds skip dO to dV in this kernel
     return const, (8 if ieee or C * max(BN, BP) > 4096 else 4)
 
 
