@@ -280,8 +280,7 @@ def mamba3_mimo_step_triton(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_
     use_dot = use_dot and BN >= 16 and triton.next_power_of_2(P) >= 16
     if use_dot and p_blocks is None:
         p_blocks = 1
-    BP = _p_block(P, p_blocks, w is not None)
-    use_dot = use_dot and BP >= 16
+    BP = _p_block(P, p_blocks, w is not None)      # >= 16 whenever next_pow2(P) is
     split = triton.cdiv(P, BP)
     if use_dot:
         # same shape, dots: p1 at 1 / 2 / 4 warps 256 / 187 / 256 (bf16 state); p2 189 / 212 / 281
