@@ -55,11 +55,6 @@ def launch_params(kernel: str, chunk: int, d_state: int, headdim: int, dtype=Non
     BP = max(16, _next_pow2(P))
     if kernel == "prep_qk":
         return dict(CHUNK=C, BLOCK_N2=max(16, _next_pow2(N)) // 2, HAS_D=True), 4
-    if kernel in ("infer_state", "infer_out"):   # triton_siso_infer.INFER_NUM_WARPS
-        const = dict(CHUNK=C, BLOCK_N2=max(16, _next_pow2(N)) // 2, BLOCK_P=BP, CPG_STATIC=0)
-        if kernel == "infer_out":
-            const.update(HAS_SIN=True, WRITE_FINAL=True, HAS_D=True, HAS_Z=True)
-        return const, 8
     elif kernel == "step":
         BN, BP = _next_pow2(max(N, 2)), _next_pow2(P)
         return dict(BLOCK_N=BN, BLOCK_P=BP, HAS_D=True, HAS_Z=True), (4 if BN * BP <= 8192 else 8)
@@ -92,8 +87,6 @@ KERNELS = {  # name -> (module, attribute)
     "prep_qk": ("triton_siso_fwd", "_prep_qk_kernel"),
     "group_state": ("triton_siso_fwd", "_core_group_state_kernel"),
     "group_out": ("triton_siso_fwd", "_core_group_out_kernel"),
-    "infer_state": ("triton_siso_infer", "_infer_state_kernel"),
-    "infer_out": ("triton_siso_infer", "_infer_out_kernel"),
     "chunk_dstate": ("triton_siso_bwd", "_chunk_dstate_kernel"),
     "chunk_bwd": ("triton_siso_bwd", "_chunk_bwd_kernel"),
     "prep_bwd": ("triton_siso_bwd", "_prep_bwd_kernel"),
@@ -112,17 +105,14 @@ def analytic_smem(kernel: str, chunk: int, d_state: int, headdim: int, dtype: to
         return const["CHUNK"] * const["BLOCK_N2"] * 4 * (2 if kernel == "prep_qk" else 1)
     if kernel == "step":
         return 8 * max(const["BLOCK_N"], const["BLOCK_P"]) * 4
-    C, BP = const["CHUNK"], const["BLOCK_P"]
-    BN = const["BLOCK_N"] if "BLOCK_N" in const else 2 * const["BLOCK_N2"]
+    C, BN, BP = const["CHUNK"], const["BLOCK_N"], const["BLOCK_P"]
     b = 4 if dtype == torch.float32 else 2
     tiles = {
         "chunk_state": C * BP + C * BN,                       # (v w)^T, k
         "group_state": C * BP + C * BN,
-        "infer_state": C * BP + C * BN,                       # (v w)^T, k halves
         "chunk_dstate": C * BP + C * BN,                      # (dy w)^T, q
         "chunk_out": 2 * C * BN + C * C + C * BP + BN * BP,   # q, k, scores, v, state
         "group_out": 2 * C * BN + C * C + C * BP + BN * BP,
-        "infer_out": 2 * C * BN + C * C + C * BP + BN * BP,   # q, k halves, scores, v, state halves
         "chunk_bwd": 3 * C * BN + 2 * C * BP + 2 * C * C + 2 * BN * BP,  # q k kw, dy v, a dsc, g s
     }[kernel]
     # at small chunks the layout conversion of the fp32 [BLOCK_P, BLOCK_N] result dominates; the
@@ -198,8 +188,6 @@ def _compile(kernel: str, chunk: int, d_state: int, headdim: int, dtype: torch.d
         const = {**const, "PREC": "ieee" if dtype == torch.float32 else "tf32"}
     src = ASTSource(fn=fn, signature=_signature(fn, const, dtype), constexprs=const)
     opts = {"num_warps": nw}
-    if kernel in ("infer_state", "infer_out"):
-        opts["num_stages"] = 1
     if kernel in ("group_state", "group_out"):
         opts["num_stages"] = group_stages(dtype, SMEM_BY_ARCH.get(arch, SMEM_99KB))
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
@@ -243,7 +231,7 @@ def check_launch_fits(chunk: int, d_state: int, headdim: int, dtype: torch.dtype
         if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
             major, minor = torch.cuda.get_device_capability(device)
             arch = 10 * major + minor
-    names = ["chunk_state", "chunk_out", "prep_qk", "group_state", "group_out", "infer_state", "infer_out"]
+    names = ["chunk_state", "chunk_out", "prep_qk", "group_state", "group_out"]
     if backward:
         names += ["chunk_dstate", "chunk_bwd"]
     for k in names:

@@ -124,46 +124,6 @@ def test_chunk_group_layouts_match_reference(monkeypatch, target):
     assert rel(y2, y_ref) < 1e-4 and rel(fin2.ssm, fin_ref.ssm) < 1e-4
 
 
-@pytest.mark.parametrize("G,H,N,S,per_head,target,has_dz,phase", [
-    (1, 2, 16, 4, False, 10**6, True, 2),    # one chunk per group: pre-pass + group scan
-    (2, 4, 16, 8, True, 1, True, 1),         # groups of heads, per-head angles, one group, phase in the loop
-    (1, 2, 32, 3, False, 4, False, 2),       # odd number of rotated pairs, no D / z, a few groups
-    (1, 2, 16, 0, False, 4, True, 2),        # no rotation at all
-])
-def test_inference_forward_rotates_in_core(monkeypatch, G, H, N, S, per_head, target, has_dz, phase):
-    """No grad: the forward that rotates q, k inside the SSD core (triton_siso_infer.py, state
-    kept as even / odd halves) matches the float64 reference and the training forward."""
-    from mamba3.ops.mamba3 import triton_siso, triton_siso_fwd as fw, triton_siso_infer as inf
-    monkeypatch.setattr(fw, "GROUP_TARGET_PROGRAMS", target)
-    monkeypatch.setattr(inf, "INFER_PHASE", phase)
-    B, T, P = 2, 75, 8
-    xs = make_inputs(B=B, T=T, G=G, H=H, N=N, P=P, S=S, per_head_angles=per_head, seed=11)
-    if not has_dz:
-        xs["D"], xs["z"] = None, None
-    init = make_state(B, H, P, N, S, seed=12)
-    x64 = {n: (None if t is None else t.double().cpu()) for n, t in xs.items()}
-    init64 = Mamba3State(*(t.double().cpu() for t in init))
-    y_ref, fin_ref = mamba3_siso_reference(*(x64[n] for n in NAMES), initial_state=init64, return_final_state=True)
-    calls = []
-    monkeypatch.setattr(triton_siso, "mamba3_infer_fwd",
-                        lambda *a, **k: calls.append(1) or fw_infer(*a, **k))
-    with torch.no_grad():
-        y, fin = mamba3_siso_triton(*(xs[n] for n in NAMES), initial_state=init, return_final_state=True,
-                                    chunk_size=16)
-        monkeypatch.setattr(triton_siso, "ROTATE_IN_CORE", False)
-        y_train, fin_train = mamba3_siso_triton(*(xs[n] for n in NAMES), initial_state=init,
-                                                return_final_state=True, chunk_size=16)
-    assert calls == [1]
-    assert rel(y, y_ref) < 1e-4 and rel(y, y_train) < 1e-5
-    for a, b, c in zip(fin, fin_ref, fin_train):
-        assert rel(a, b) < 1e-4 and rel(a, c) < 1e-5
-
-
-def fw_infer(*args, **kw):
-    from mamba3.ops.mamba3.triton_siso_infer import mamba3_infer_fwd
-    return mamba3_infer_fwd(*args, **kw)
-
-
 def test_varlen_matches_reference():
     lens = [5, 0, 19, 9]
     cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=DEV)

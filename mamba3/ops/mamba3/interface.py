@@ -27,7 +27,7 @@ def triton_available(device: torch.device) -> bool:
     return True
 
 
-SISO_TRITON_KERNELS_FWD = ("prep_qk", "group_state", "group_out", "infer_state", "infer_out")
+SISO_TRITON_KERNELS_FWD = ("prep_qk", "group_state", "group_out")
 SISO_TRITON_KERNELS_BWD = ("chunk_dstate", "chunk_bwd")
 
 

@@ -25,12 +25,8 @@ from .common import (Mamba3State, angle_increments, cumulative_angles, expand_gr
                      siso_varlen)
 from .triton_siso_bwd import gate_bwd, prep_bwd, ssd_core_bwd
 from .triton_siso_fwd import INTERPRET, chunk_start_phases, mamba3_fused_fwd, ssd_core_fwd
-from .triton_siso_infer import mamba3_infer_fwd
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Without a backward to feed, the forward rotates q, k inside the SSD core (triton_siso_infer.py)
-# instead of writing the prepared per-head q, k; False takes the training forward (benchmarks).
-ROTATE_IN_CORE = True
 
 
 class SSDCoreFn(torch.autograd.Function):
@@ -146,11 +142,6 @@ class Mamba3SisoFn(torch.autograd.Function):
         cont = lambda t: None if t is None else t.contiguous()
         q, k, v, dA, dt, trap, angles, z = map(cont, (q, k, v, dA, dt, trap, angles, z))
         S0 = _entering_state(s0, k0, v0, torch.sigmoid(trap[:, 0].float()), dt[:, 0].float())
-        if not train and ROTATE_IN_CORE and (kd != torch.float32 or INTERPRET):
-            # (full-precision fp32 operands need ~260 KB of shared memory there: training forward)
-            ctx.meta = (kd, chunk_size)
-            return mamba3_infer_fwd(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, th0, S0, chunk_size,
-                                    dot_dtype=kd)
         y, saved, states, dec, final = mamba3_fused_fwd(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, th0,
                                                         S0, chunk_size, save_pre=train, dot_dtype=kd)
         if train:

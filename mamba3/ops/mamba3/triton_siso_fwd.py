@@ -264,22 +264,18 @@ def _chunk_coeffs(DT, TRAP, b, h, c, T, sb, st, sh, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _chunk_theta(ANG, TH0, dt, b, bh, c, T, nc, S, sab, sat, sah, h, CHUNK: tl.constexpr, BLOCK_N2: tl.constexpr):
-    """Cumulative phase [CHUNK, BLOCK_N2] fp32 of pair i in chunk c (0 for unrotated pairs i >= S)."""
+def _chunk_phase(ANG, TH0, dt, b, bh, c, T, nc, S, sab, sat, sah, h,
+                 CHUNK: tl.constexpr, BLOCK_N2: tl.constexpr):
+    """cos, sin [CHUNK, BLOCK_N2] of the cumulative phase of pair i (1, 0 for unrotated pairs)."""
     t = c * CHUNK + tl.arange(0, CHUNK)
     i = tl.arange(0, BLOCK_N2)
     rot = i < S
     raw = tl.load(ANG + b * sab + h * sah + t[:, None] * sat + i[None, :],
                   mask=(t[:, None] < T) & rot[None, :], other=0.0).to(tl.float32)
     th0 = tl.load(TH0 + (bh * nc + c) * S + i, mask=rot, other=0.0)
-    return tl.where(rot[None, :], th0[None, :] + tl.cumsum(dt[:, None] * 3.141592653589793 * _tanh(raw), axis=0), 0.0)
-
-
-@triton.jit
-def _chunk_phase(ANG, TH0, dt, b, bh, c, T, nc, S, sab, sat, sah, h,
-                 CHUNK: tl.constexpr, BLOCK_N2: tl.constexpr):
-    """cos, sin [CHUNK, BLOCK_N2] of the cumulative phase of pair i (1, 0 for unrotated pairs)."""
-    return _cos_sin(_chunk_theta(ANG, TH0, dt, b, bh, c, T, nc, S, sab, sat, sah, h, CHUNK, BLOCK_N2))
+    theta = th0[None, :] + tl.cumsum(dt[:, None] * 3.141592653589793 * _tanh(raw), axis=0)
+    cos, sin = _cos_sin(theta)
+    return tl.where(rot[None, :], cos, 1.0), tl.where(rot[None, :], sin, 0.0)
 
 
 @triton.jit
