@@ -57,7 +57,7 @@ def launch_params(kernel: str, chunk: int, d_state: int, headdim: int, dtype=Non
         return dict(CHUNK=C, BLOCK_N2=max(16, _next_pow2(N)) // 2, HAS_D=True), 4
     elif kernel == "step":
         BN, BP = _next_pow2(max(N, 2)), _next_pow2(P)
-        return dict(BLOCK_N=BN, BLOCK_P=BP, HAS_D=True, HAS_Z=True), (4 if BN * BP <= 8192 else 8)
+        return dict(BLOCK_N=BN, BLOCK_P=BP, P_BLOCK=BP, SPLIT=1, HAS_D=True, HAS_Z=True), (4 if BN * BP <= 8192 else 8)
     elif kernel == "prep_bwd":
         return dict(CHUNK=C, BLOCK_N2=max(32, _next_pow2(N)) // 2), 8
     BN = max(16, _next_pow2(N))

@@ -161,11 +161,20 @@ def test_bad_input_raises_before_launch():
     if not HAS_CUDA:
         with pytest.raises(ValueError, match="impl='triton' needs CUDA"):
             mamba3_siso(*(xs[n] for n in NAMES), impl="triton")
+    st = make_state(2, 2, 8, 16, 4)
+    with pytest.raises(ValueError, match="p_block"):
+        mamba3_siso_step_triton(*(xs[n][:, 0] if n not in ("q_bias", "k_bias", "D") else xs[n] for n in NAMES),
+                                st, p_block=3)
 
 
-@pytest.mark.parametrize("state_dtype,per_head,G", [(torch.float32, False, 1), (torch.bfloat16, True, 2)])
-def test_step_matches_reference_loop(state_dtype, per_head, G):
-    B, T, H, N, P, S = 3, 5, 4, 16, 8, 4
+@pytest.mark.parametrize("state_dtype,per_head,G,P,p_block,split", [
+    (torch.float32, False, 1, 8, None, None), (torch.bfloat16, True, 2, 8, None, None),
+    (torch.float32, True, 2, 12, 4, 1),   # state rows in loop steps of 4, the last one partly masked
+    (torch.float32, False, 1, 12, 2, 4),  # rows over 4 programs: the last to finish writes the k / angle cache
+    (torch.bfloat16, True, 2, 8, None, 2),
+])
+def test_step_matches_reference_loop(state_dtype, per_head, G, P, p_block, split):
+    B, T, H, N, S = 3, 5, 4, 16, 4
     xs = make_inputs(B=B, T=T, G=G, H=H, N=N, P=P, S=S, per_head_angles=per_head, seed=11)
     init = make_state(B, H, P, N, S, seed=12)
     _, y_ref, fin_ref = reference64(xs, initial_state=init)
@@ -173,11 +182,15 @@ def test_step_matches_reference_loop(state_dtype, per_head, G):
     ys = []
     for t in range(T):
         ys.append(mamba3_siso_step_triton(*(xs[n][:, t] if xs[n].dim() > 2 and n not in ("q_bias", "k_bias")
-                                            else xs[n] for n in NAMES), state))
+                                            else xs[n] for n in NAMES), state, p_block=p_block,
+                                           split=split))
     tol = 1e-5 if state_dtype == torch.float32 else 2e-2
     assert rel(torch.stack(ys, 1), y_ref) < tol
     for a, b in zip(state, fin_ref):
         assert rel(a, b) < tol
+    if split:
+        from mamba3.ops.mamba3.triton_step import _COUNTERS
+        assert int(_COUNTERS[y_ref.new_empty(0, device=DEV).device].abs().sum()) == 0   # every count was reset
 
 
 @pytest.mark.parametrize("d2", [False, True])

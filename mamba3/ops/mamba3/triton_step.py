@@ -52,11 +52,15 @@ def _rotated(x_ptr, xb_ptr, n, N, S, cos_n, sin_n):
 
 
 @triton.jit
-def _step_kernel(Q, K, V, dA, DT, TRAP, QB, KB, ANG, D, Z, ST_ANG, ST_SSM, ST_K, ST_V, Y,
+def _step_kernel(Q, K, V, dA, DT, TRAP, QB, KB, ANG, D, Z, ST_ANG, ST_SSM, ST_K, ST_V, Y, CNT,
                  H, G, N, P, S, ang_sb, ang_sh,
                  HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, P_BLOCK: tl.constexpr, SPLIT: tl.constexpr):
+    """Grid (B*H, SPLIT): program (bh, j) updates state rows [j, j+1) * BLOCK_P / SPLIT in loop steps
+    of P_BLOCK rows. With SPLIT > 1 every program reads the k / angle cache, so only the last of
+    them to finish (a counter CNT[bh], reset by that program) overwrites it."""
     bh = tl.program_id(0)
+    split = tl.program_id(1)
     b = bh // H
     h = bh % H
     g = h // (H // G)
@@ -72,34 +76,77 @@ def _step_kernel(Q, K, V, dA, DT, TRAP, QB, KB, ANG, D, Z, ST_ANG, ST_SSM, ST_K,
     q = _rotated(Q + (b * G + g) * N, QB + h * N, n, N, S, cos_n, sin_n)
     k = _rotated(K + (b * G + g) * N, KB + h * N, n, N, S, cos_n, sin_n)
 
-    p = tl.arange(0, BLOCK_P)
     nmask = n < N
-    pmask = p < P
     k_prev = tl.load(ST_K + bh * N + n, mask=nmask, other=0.0).to(tl.float32)
-    v_prev = tl.load(ST_V + bh * P + p, mask=pmask, other=0.0).to(tl.float32)
-    x = tl.load(V + bh * P + p, mask=pmask, other=0.0).to(tl.float32)
-    smask = pmask[:, None] & nmask[None, :]
-    sptr = ST_SSM + bh * P * N + p[:, None] * N + n[None, :]
-    s = tl.load(sptr, mask=smask, other=0.0).to(tl.float32)
-    s = alpha * s + (beta * v_prev)[:, None] * k_prev[None, :] + (gamma * x)[:, None] * k[None, :]
-    y = tl.sum(s * q[None, :], axis=1)
+    d_skip = 0.0
     if HAS_D:
-        y += tl.load(D + h).to(tl.float32) * x
-    if HAS_Z:
-        zz = tl.load(Z + bh * P + p, mask=pmask, other=0.0).to(tl.float32)
-        y = y * zz * tl.sigmoid(zz)
-    tl.store(sptr, s.to(ST_SSM.dtype.element_ty), mask=smask)
-    tl.store(Y + bh * P + p, y.to(Y.dtype.element_ty), mask=pmask)
-    tl.store(ST_K + bh * N + n, k.to(ST_K.dtype.element_ty), mask=nmask)
-    tl.store(ST_V + bh * P + p, x.to(ST_V.dtype.element_ty), mask=pmask)
+        d_skip = tl.load(D + h).to(tl.float32)
+    # P in row blocks of P_BLOCK (a runtime loop): fewer live registers per thread, so more
+    # programs per SM keep more state loads in flight
+    ROWS: tl.constexpr = BLOCK_P // SPLIT
+    for p0 in range(0, ROWS, P_BLOCK):
+        p = split * ROWS + p0 + tl.arange(0, P_BLOCK)
+        pmask = p < P
+        v_prev = tl.load(ST_V + bh * P + p, mask=pmask, other=0.0).to(tl.float32)
+        x = tl.load(V + bh * P + p, mask=pmask, other=0.0).to(tl.float32)
+        smask = pmask[:, None] & nmask[None, :]
+        sptr = ST_SSM + bh * P * N + p[:, None] * N + n[None, :]
+        s = tl.load(sptr, mask=smask, other=0.0).to(tl.float32)
+        s = alpha * s + (beta * v_prev)[:, None] * k_prev[None, :] + (gamma * x)[:, None] * k[None, :]
+        y = tl.sum(s * q[None, :], axis=1) + d_skip * x
+        if HAS_Z:
+            zz = tl.load(Z + bh * P + p, mask=pmask, other=0.0).to(tl.float32)
+            y = y * zz * tl.sigmoid(zz)
+        tl.store(sptr, s.to(ST_SSM.dtype.element_ty), mask=smask)
+        tl.store(Y + bh * P + p, y.to(Y.dtype.element_ty), mask=pmask)
+        tl.store(ST_V + bh * P + p, x.to(ST_V.dtype.element_ty), mask=pmask)
+    last = True
+    if SPLIT > 1:  # acq_rel: this program's reads of the k / angle cache happen before its count
+        last = tl.atomic_add(CNT + bh, 1) == SPLIT - 1
+        tl.store(CNT + bh, 0, mask=last)
+    tl.store(ST_K + bh * N + n, k.to(ST_K.dtype.element_ty), mask=nmask & last)
     wrapped = theta - 6.283185307179586 * tl.floor(theta / 6.283185307179586)
-    tl.store(ST_ANG + bh * S + pair, wrapped, mask=rot & (n % 2 == 0))
+    tl.store(ST_ANG + bh * S + pair, wrapped, mask=rot & (n % 2 == 0) & last)
+
+
+_COUNTERS: dict = {}   # device -> int32 zeros, one per (batch, head): the split step's finish counts
+
+
+def _counters(device, n: int):
+    """Zeroed int32 scratch of at least n entries (the kernel resets what it uses), or None when it
+    would have to be allocated during CUDA-graph capture (the split launch is skipped then)."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = _COUNTERS[device] = torch.zeros(max(n, 1024), device=device, dtype=torch.int32)
+    return buf
+
+
+def step_launch(BH: int, BP: int, BN: int, state_bytes: int):
+    """(num_warps, p_block, split) for B*H programs' worth of [BP, BN] states. Measured on the H100
+    (P=64, N=128, CUDA-graph medians, benchmarks/gpu_decode_sweep.py): below ~4 programs per SM the
+    rows are split over 4 programs (B=1: more SMs share the state traffic); at B*H >= 1024 an fp32
+    state takes 2 warps x 32-row steps (B=64: 0.0588 -> 0.0517 ms, B=256: 0.2226 -> 0.1925) and a
+    bf16 state 1 warp x 8 rows (0.0261 -> 0.0191, 0.1178 -> 0.1040)."""
+    if BN * BP > 8192:
+        return 8, BP, 1
+    if BH < 256:
+        return 4, max(1, BP // 4), min(4, BP)
+    if BH < 1024:
+        return 4, max(1, BP // 2), 1
+    return (2, max(1, BP // 2), 1) if state_bytes == 4 else (1, max(1, BP // 8), 1)
 
 
 def mamba3_siso_step_triton(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, state: Mamba3State,
-                            num_warps=None):
+                            num_warps=None, p_block=None, split=None):
     """One decode token (shapes as :func:`mamba3.ops.mamba3_siso_step`); ``state`` is updated in
-    place; returns y [B, H, P] in v's dtype. State tensors must be contiguous."""
+    place; returns y [B, H, P] in v's dtype. State tensors must be contiguous. Launch settings
+    (default :func:`step_launch`): ``p_block`` rows of the state per loop step of a program,
+    ``split`` programs per (batch, head) over the rows; both powers of two."""
+    for name, val in (("p_block", p_block), ("split", split)):
+        if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1 or val & (val - 1)):
+            raise ValueError(f"{name} must be None or a positive power of two, got {val!r}")
     check_triton_inputs(16, [("q", q), ("k", k), ("v", v), ("dA", dA), ("dt", dt), ("trap", trap),
                              ("q_bias", q_bias), ("k_bias", k_bias), ("angles", angles), ("D", D), ("z", z),
                              ("state.ssm", state.ssm), ("state.k", state.k), ("state.v", state.v)])
@@ -118,8 +165,14 @@ def mamba3_siso_step_triton(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z,
     y = torch.empty(B, H, P, device=v.device, dtype=v.dtype)
     qb, kb = q_bias.float().contiguous(), k_bias.float().contiguous()
     BN, BP = triton.next_power_of_2(max(N, 2)), triton.next_power_of_2(P)
-    nw = num_warps or (4 if BN * BP <= 8192 else 8)  # 4 warps measured faster at P=64, N=128
-    _step_kernel[(B * H,)](q, k, v, dA, dt, trap, qb, kb, nonempty(angles, dt), D if D is not None else y,
-                           z if z is not None else y, nonempty(state.angle, dt), state.ssm, state.k, state.v, y, H, G, N, P, S, ang_sb, ang_sh,
-                           HAS_D=D is not None, HAS_Z=z is not None, BLOCK_N=BN, BLOCK_P=BP, num_warps=nw)
+    nw0, pb0, sp0 = step_launch(B * H, BP, BN, state.ssm.element_size())
+    sp = min(BP, split or sp0)
+    cnt = _counters(v.device, B * H) if sp > 1 else y
+    if cnt is None:
+        sp, cnt = 1, y
+    pb = min(BP // sp, p_block or pb0)
+    _step_kernel[(B * H, sp)](q, k, v, dA, dt, trap, qb, kb, nonempty(angles, dt), D if D is not None else y,
+                           z if z is not None else y, nonempty(state.angle, dt), state.ssm, state.k, state.v, y, cnt, H, G, N, P, S, ang_sb, ang_sh,
+                           HAS_D=D is not None, HAS_Z=z is not None, BLOCK_N=BN, BLOCK_P=BP, P_BLOCK=pb, SPLIT=sp,
+                           num_warps=num_warps or nw0)
     return y
