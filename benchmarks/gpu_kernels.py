@@ -163,6 +163,7 @@ def breakdown(xs, row):
                                                        torch.bfloat16), return_mode="median")
         QS, KS, skip = fw.prep_qk(xs["q"], xs["k"], xs["dt"], xs["trap"], xs["q_bias"], xs["k_bias"], xs["angles"],
                                   xs["D"], th0, CHUNK, torch.bfloat16)
+        target0, warps0 = fw.GROUP_TARGET_PROGRAMS, fw.GROUP_NUM_WARPS
         for nw in (4, 8):
             fw.GROUP_NUM_WARPS = nw
             for target in (132, 264, 528):
@@ -174,7 +175,8 @@ def breakdown(xs, row):
             row[f"part_core_save_w{nw}"] = do_bench(
                 lambda: fw.ssd_group_fwd(QS, KS, xs["v"], xs["dA"], skip, xs["z"], None, CHUNK,
                                          out_dtype=torch.bfloat16, save=True), return_mode="median")
-        fw.GROUP_NUM_WARPS = None
+        fw.GROUP_NUM_WARPS = warps0
+        fw.GROUP_TARGET_PROGRAMS = target0   # the profile and the next shapes run the defaults
         Qp = torch.randn(B, T, H, N, device="cuda", dtype=torch.bfloat16)
         Kp = torch.randn(B, T, H, N, device="cuda", dtype=torch.bfloat16)
         row["part_core_only"] = do_bench(lambda: fw.ssd_core_fwd(Qp, Kp, xs["v"], xs["dA"], None, CHUNK),
