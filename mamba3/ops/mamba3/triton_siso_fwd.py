@@ -359,11 +359,13 @@ def chunk_start_phases(dt, angles, init_angle, chunk_size):
     B, T, H = dt.shape
     S = angles.shape[-1]
     nc = max(1, triton.cdiv(T, chunk_size))
-    th0 = torch.zeros(B, H, nc, S, device=dt.device, dtype=torch.float32)
-    final = torch.zeros(B, H, S, device=dt.device, dtype=torch.float32)
     if S == 0:
-        return th0, final
-    sums = torch.zeros(B, H, nc, S, device=dt.device, dtype=torch.float32)
+        return (torch.zeros(B, H, nc, S, device=dt.device, dtype=torch.float32),
+                torch.zeros(B, H, S, device=dt.device, dtype=torch.float32))
+    # every entry is written by the two launches (no fill kernels: this pre-pass is launch-bound)
+    th0 = torch.empty(B, H, nc, S, device=dt.device, dtype=torch.float32)
+    final = torch.empty(B, H, S, device=dt.device, dtype=torch.float32)
+    sums = (torch.empty if T > 0 else torch.zeros)(B, H, nc, S, device=dt.device, dtype=torch.float32)
     BS = max(16, triton.next_power_of_2(S))
     if T > 0:
         sa = (angles.stride(0), angles.stride(1), 0 if angles.dim() == 3 else angles.stride(2))
