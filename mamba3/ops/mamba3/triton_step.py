@@ -100,13 +100,17 @@ def _step_kernel(Q, K, V, dA, DT, TRAP, QB, KB, ANG, D, Z, ST_ANG, ST_SSM, ST_K,
         tl.store(sptr, s.to(ST_SSM.dtype.element_ty), mask=smask)
         tl.store(Y + bh * P + p, y.to(Y.dtype.element_ty), mask=pmask)
         tl.store(ST_V + bh * P + p, x.to(ST_V.dtype.element_ty), mask=pmask)
-    last = True
-    if SPLIT > 1:  # acq_rel: this program's reads of the k / angle cache happen before its count
-        last = tl.atomic_add(CNT + bh, 1) == SPLIT - 1
-        tl.store(CNT + bh, 0, mask=last)
-    tl.store(ST_K + bh * N + n, k.to(ST_K.dtype.element_ty), mask=nmask & last)
     wrapped = theta - 6.283185307179586 * tl.floor(theta / 6.283185307179586)
-    tl.store(ST_ANG + bh * S + pair, wrapped, mask=rot & (n % 2 == 0) & last)
+    amask = rot & (n % 2 == 0)
+    if SPLIT > 1:  # acq_rel: this program's reads of the k / angle cache happen before its count
+        count = tl.atomic_add(CNT + bh, 1)
+        tl.store(CNT + bh, 0, mask=count == SPLIT - 1)
+        last = (n * 0 + count) == SPLIT - 1      # as a vector (a scalar & vector mask is refused by 3.9's interpreter)
+        tl.store(ST_K + bh * N + n, k.to(ST_K.dtype.element_ty), mask=nmask & last)
+        tl.store(ST_ANG + bh * S + pair, wrapped, mask=amask & last)
+    else:
+        tl.store(ST_K + bh * N + n, k.to(ST_K.dtype.element_ty), mask=nmask)
+        tl.store(ST_ANG + bh * S + pair, wrapped, mask=amask)
 
 
 _COUNTERS: dict = {}   # device -> int32 zeros, one per (batch, head): the split step's finish counts
