@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from .common import Mamba3State
-from .triton_siso import check_triton_inputs
+from .triton_siso import check_power_of_two, check_triton_inputs
 from .triton_siso_fwd import dot_precision as state_dot_precision, nonempty
 from .triton_step import _step_phase, _trapezoid_coeffs
 
@@ -245,9 +245,7 @@ def mamba3_mimo_step_triton(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_
     its precision is tf32, with p_blocks 1 and 2 warps unless given.
     dot_precision: of those products ("tf32" / "ieee"); None: tf32 for a bf16 / fp16 state (its own
     rounding is coarser), for an fp32 state torch's fp32 matmul setting (ieee unless "high")."""
-    if p_blocks is not None and (isinstance(p_blocks, bool) or not isinstance(p_blocks, int)
-                                 or p_blocks < 1 or p_blocks & (p_blocks - 1)):
-        raise ValueError(f"p_blocks must be None or a positive power of two, got {p_blocks!r}")
+    check_power_of_two("p_blocks", p_blocks)
     check_triton_inputs(16, [("q", q), ("k", k), ("v", v), ("dA", dA), ("dt", dt), ("trap", trap),
                              ("q_bias", q_bias), ("k_bias", k_bias), ("angles", angles), ("mimo_x", mimo_x),
                              ("mimo_z", mimo_z), ("mimo_o", mimo_o), ("D", D), ("z", z),

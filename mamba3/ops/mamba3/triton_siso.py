@@ -74,6 +74,13 @@ def check_triton_inputs(chunk_size: int, tensors) -> None:
                          "run the kernels on CPU tensors)")
 
 
+def check_power_of_two(name: str, value) -> None:
+    """Launch-setting arguments (None or a positive power of two), with a ValueError naming them."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1
+                              or value & (value - 1)):
+        raise ValueError(f"{name} must be None or a positive power of two, got {value!r}")
+
+
 def mamba3_siso_triton(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D=None, z=None, *,
                        initial_state: Optional[Mamba3State] = None, return_final_state: bool = False,
                        cu_seqlens: Optional[Tensor] = None, chunk_size: int = 64):

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .common import Mamba3State
-from .triton_siso import check_triton_inputs
+from .triton_siso import check_power_of_two, check_triton_inputs
 from .triton_siso_fwd import nonempty
 
 TWO_PI = 2.0 * math.pi
@@ -148,9 +148,8 @@ def mamba3_siso_step_triton(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z,
     place; returns y [B, H, P] in v's dtype. State tensors must be contiguous. Launch settings
     (default :func:`step_launch`): ``p_block`` rows of the state per loop step of a program,
     ``split`` programs per (batch, head) over the rows; both powers of two."""
-    for name, val in (("p_block", p_block), ("split", split)):
-        if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1 or val & (val - 1)):
-            raise ValueError(f"{name} must be None or a positive power of two, got {val!r}")
+    check_power_of_two("p_block", p_block)
+    check_power_of_two("split", split)
     check_triton_inputs(16, [("q", q), ("k", k), ("v", v), ("dA", dA), ("dt", dt), ("trap", trap),
                              ("q_bias", q_bias), ("k_bias", k_bias), ("angles", angles), ("D", D), ("z", z),
                              ("state.ssm", state.ssm), ("state.k", state.k), ("state.v", state.v)])
@@ -176,7 +175,7 @@ def mamba3_siso_step_triton(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z,
         sp, cnt = 1, y
     pb = min(BP // sp, p_block or pb0)
     _step_kernel[(B * H, sp)](q, k, v, dA, dt, trap, qb, kb, nonempty(angles, dt), D if D is not None else y,
-                           z if z is not None else y, nonempty(state.angle, dt), state.ssm, state.k, state.v, y, cnt, H, G, N, P, S, ang_sb, ang_sh,
-                           HAS_D=D is not None, HAS_Z=z is not None, BLOCK_N=BN, BLOCK_P=BP, P_BLOCK=pb, SPLIT=sp,
-                           num_warps=num_warps or nw0)
+                              z if z is not None else y, nonempty(state.angle, dt), state.ssm, state.k, state.v, y,
+                              cnt, H, G, N, P, S, ang_sb, ang_sh, HAS_D=D is not None, HAS_Z=z is not None,
+                              BLOCK_N=BN, BLOCK_P=BP, P_BLOCK=pb, SPLIT=sp, num_warps=num_warps or nw0)
     return y
