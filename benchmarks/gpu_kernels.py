@@ -153,16 +153,16 @@ def breakdown(xs, row):
     import mamba3.ops.mamba3.triton_siso_fwd as fw
     B, T = xs["v"].shape[:2]
     with torch.no_grad():
-        th0, _ = fw.chunk_start_phases(xs["dt"], xs["angles"], None, CHUNK)
-        row["part_phases"] = do_bench(lambda: fw.chunk_start_phases(xs["dt"], xs["angles"], None, CHUNK),
+        row["part_phases"] = do_bench(lambda: fw.chunk_start_phases(xs["dt"], xs["angles"], None,
+                                                                    fw.prep_rows(CHUNK)),
                                       return_mode="median")
-        args = (xs["q"], xs["k"], xs["v"], xs["dA"], xs["dt"], xs["trap"], xs["q_bias"], xs["k_bias"], xs["angles"],
-                xs["D"], xs["z"], th0, None, CHUNK)
+        rows = fw.prep_rows(CHUNK)
+        th0, _ = fw.chunk_start_phases(xs["dt"], xs["angles"], None, rows)
         row["part_prep"] = do_bench(lambda: fw.prep_qk(xs["q"], xs["k"], xs["dt"], xs["trap"], xs["q_bias"],
-                                                       xs["k_bias"], xs["angles"], xs["D"], th0, CHUNK,
+                                                       xs["k_bias"], xs["angles"], xs["D"], th0, rows,
                                                        torch.bfloat16), return_mode="median")
         QS, KS, skip = fw.prep_qk(xs["q"], xs["k"], xs["dt"], xs["trap"], xs["q_bias"], xs["k_bias"], xs["angles"],
-                                  xs["D"], th0, CHUNK, torch.bfloat16)
+                                  xs["D"], th0, rows, torch.bfloat16)
         target0, warps0 = fw.GROUP_TARGET_PROGRAMS, fw.GROUP_NUM_WARPS
         for nw in (4, 8):
             fw.GROUP_NUM_WARPS = nw
@@ -191,9 +191,13 @@ def profile(B, T, res):
     leaves = {n: x.clone().requires_grad_(True) for n, x in xs.items()}
     dy = torch.randn(B, T, H, P, device="cuda", dtype=torch.bfloat16)
     out = {}
+    def fwdbwd():
+        for x in leaves.values():   # as do_bench's grad_to_none: no gradient accumulation kernels
+            x.grad = None
+        mamba3_siso_triton(*(leaves[n] for n in NAMES), chunk_size=CHUNK)[0].backward(dy)
+
     for name, fn in (("fwd", lambda: mamba3_siso_triton(*(xs[n] for n in NAMES), chunk_size=CHUNK)),
-                     ("fwdbwd", lambda: mamba3_siso_triton(*(leaves[n] for n in NAMES), chunk_size=CHUNK)[0]
-                      .backward(dy))):
+                     ("fwdbwd", fwdbwd)):
         for _ in range(2):
             fn()
         torch.cuda.synchronize()

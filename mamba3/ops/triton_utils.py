@@ -53,13 +53,13 @@ def launch_params(kernel: str, chunk: int, d_state: int, headdim: int, dtype=Non
     ieee = dtype == torch.float32
     C, N, P = chunk, d_state, headdim
     BP = max(16, _next_pow2(P))
-    if kernel == "prep_qk":
-        return dict(CHUNK=C, BLOCK_N2=max(16, _next_pow2(N)) // 2, HAS_D=True), 4
+    if kernel == "prep_qk":   # triton_siso_fwd.PREP_ROWS / PREP_NUM_WARPS
+        return dict(ROWS=min(16, C), BLOCK_N2=max(16, _next_pow2(N)) // 2, HAS_D=True), 4
     elif kernel == "step":
         BN, BP = _next_pow2(max(N, 2)), _next_pow2(P)
         return dict(BLOCK_N=BN, BLOCK_P=BP, P_BLOCK=BP, SPLIT=1, HAS_D=True, HAS_Z=True), (4 if BN * BP <= 8192 else 8)
-    elif kernel == "prep_bwd":
-        return dict(CHUNK=C, BLOCK_N2=max(32, _next_pow2(N)) // 2), 8
+    elif kernel == "prep_bwd":  # triton_siso_bwd.PREP_BWD_NUM_WARPS; HG heads per q/k group
+        return dict(ROWS=min(16, C), BLOCK_N2=max(32, _next_pow2(N)) // 2, ANG_PER_HEAD=False, HG=4), 8
     BN = max(16, _next_pow2(N))
     const = dict(CHUNK=C, BLOCK_N=BN, BLOCK_P=BP)
     if kernel in ("group_state", "group_out"):   # triton_siso_fwd.GROUP_NUM_WARPS / GROUP_NUM_STAGES
@@ -69,6 +69,7 @@ def launch_params(kernel: str, chunk: int, d_state: int, headdim: int, dtype=Non
         return const, (8 if ieee else 4)
     if kernel == "chunk_bwd":
         const["HAS_SKIP"] = True   # the Mamba-3 backward adds skip dO to dV in this kernel
+        const["NSPLIT"] = max(1, BN // 64)   # triton_siso_bwd.BWD_COLS state columns per step
     return const, (8 if ieee or C * max(BN, BP) > 4096 else 4)
 
 
@@ -102,7 +103,7 @@ def analytic_smem(kernel: str, chunk: int, d_state: int, headdim: int, dtype: to
     (one fp32 [CHUNK, BLOCK_N2] tile, or a few [BLOCK_P] vectors)."""
     const, _ = launch_params(kernel, chunk, d_state, headdim)
     if kernel in ("prep_bwd", "prep_qk"):
-        return const["CHUNK"] * const["BLOCK_N2"] * 4 * (2 if kernel == "prep_qk" else 1)
+        return const["ROWS"] * const["BLOCK_N2"] * 4 * 2
     if kernel == "step":
         return 8 * max(const["BLOCK_N"], const["BLOCK_P"]) * 4
     C, BN, BP = const["CHUNK"], const["BLOCK_N"], const["BLOCK_P"]
@@ -113,11 +114,13 @@ def analytic_smem(kernel: str, chunk: int, d_state: int, headdim: int, dtype: to
         "chunk_dstate": C * BP + C * BN,                      # (dy w)^T, q
         "chunk_out": 2 * C * BN + C * C + C * BP + BN * BP,   # q, k, scores, v, state
         "group_out": 2 * C * BN + C * C + C * BP + BN * BP,
-        "chunk_bwd": 3 * C * BN + 2 * C * BP + 2 * C * C + 2 * BN * BP,  # q k kw, dy v, a dsc, g s
+        # N walked in column blocks NB = BN / NSPLIT, twice: q k kw s / q k, dy v (x2), a dsc, g (x2);
+        # exact for fp32 at the defaults (196608 bytes compiled), loose in bf16 (49152 compiled)
+        "chunk_bwd": 4 * C * (BN // const.get("NSPLIT", 1)) + 4 * C * BP + 2 * C * C
+        + 2 * (BN // const.get("NSPLIT", 1)) * BP,
     }[kernel]
-    # at small chunks the layout conversion of the fp32 [BLOCK_P, BLOCK_N] result dominates; the
-    # bf16 backward also converts a [P, N] operand (measured: fp32 chunk_bwd is exact without it)
-    extra = BP * BN * 2 if kernel == "chunk_bwd" and b == 2 else 0
+    # at small chunks the layout conversion of the fp32 [BLOCK_P, BLOCK_N] result dominates
+    extra = 0
     if kernel in ("group_state", "group_out"):   # pipelined loads: one more buffer of the loop's tiles
         extra += (stages - 1) * ((2 if kernel == "group_out" else 1) * C * BN + C * BP) * b
     return max(tiles * b + extra, BP * BN * 4)

@@ -108,6 +108,26 @@ def test_initial_state_per_head_angles_groups_and_final_state_grad():
         assert rel(leaves[n].grad, x64[n].grad) < 1e-4, n
 
 
+@pytest.mark.parametrize("G,H,per_head,chunk", [(2, 6, False, 32), (3, 3, True, 16), (1, 3, False, 64)])
+def test_group_head_sums_and_phase_chain_across_row_steps(G, H, per_head, chunk):
+    """The preparation backward sums q/k gradients over each group's heads (3 heads per group: a
+    masked head block) and carries the phase and its gradient across the row steps of a chunk
+    (chunk 32 / 64 = 2 / 4 steps of 16 rows) and across chunks (T = 83: a partial last chunk)."""
+    xs = make_inputs(B=2, T=83, G=G, H=H, N=16, P=8, S=6, per_head_angles=per_head, seed=11)
+    init = make_state(2, H, 8, 16, 6, seed=12)
+    check_forward_backward(xs, chunk, initial_state=init)
+    # the initial phase's gradient is the whole sequence's sum of d theta (every chunk total)
+    a0 = init.angle.clone().requires_grad_(True)
+    a64 = init.angle.double().cpu().requires_grad_(True)
+    y, _ = mamba3_siso_triton(*xs.values(), initial_state=init._replace(angle=a0), chunk_size=chunk)
+    y64, _ = mamba3_siso_reference(*(t.double().cpu() for t in xs.values()),
+                                   initial_state=Mamba3State(a64, *(t.double().cpu() for t in init[1:])))
+    dy = torch.randn_like(y64)
+    (y64 * dy).sum().backward()
+    (y * dy.to(y)).sum().backward()
+    assert rel(a0.grad, a64.grad) < 1e-4
+
+
 @pytest.mark.parametrize("target", [1, 4, 10**6])
 def test_chunk_group_layouts_match_reference(monkeypatch, target):
     """One group (state carried through every chunk), a few groups (pre-pass + group scan, a

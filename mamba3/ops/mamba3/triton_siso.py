@@ -1,14 +1,16 @@
 """Mamba-3 SISO on Triton kernels (impl="triton").
 
 Single-SSD fold of chunked.py (SPEC section 2), chunk-parallel:
-    forward  (triton_siso_fwd.py): per-chunk phase starts (two launches); a preparation kernel per
-             (chunk, batch*head) writes the biased/rotated q, the rotated/scaled k and the skip
-             coefficient D + gamma <q, k>; the SSD core then runs in chunk groups with the state in
-             registers and writes intra + inter + skip x, gated by silu(z).
+    forward  (triton_siso_fwd.py): the phases entering each block of PREP_ROWS tokens (two
+             launches); a preparation kernel per (block, batch*head) writes the biased/rotated q,
+             the rotated/scaled k and the skip coefficient D + gamma <q, k>; the SSD core then runs
+             in chunk groups with the state in registers and writes intra + inter + skip x, gated
+             by silu(z).
     backward (triton_siso_bwd.py): the gate backward and skip sum in one pass over [B, T, H, P],
              the SSD-core backward (three launches mirroring the forward), a kernel back through
-             bias/rotation/scale per chunk (also d gamma and the bias partial sums), and
-             [B, T, H(, S)] PyTorch algebra (reverse phase cumsum, dt/trap chain rule, group sums).
+             bias/rotation/scale per (block, batch*group) that sums the q/k gradients over the
+             group's heads (also d gamma, d c, the block-local phase terms and bias partial sums),
+             and small [B, T, H] / [B, H, blocks, S] PyTorch algebra (dt, trap, angles, states).
 Inputs fp32, bf16 or fp16: matmul operands in v's dtype (fp32 multiplies in full fp32), fp32
 accumulation. Varlen input is right-padded per sequence (padding has dt = dA = 0, which changes
 nothing), as chunked.py does.
@@ -24,9 +26,10 @@ from torch import Tensor
 from .common import (Mamba3State, angle_increments, cumulative_angles, expand_groups, rotate_interleaved,
                      siso_varlen)
 from .triton_siso_bwd import gate_bwd, prep_bwd, ssd_core_bwd
-from .triton_siso_fwd import INTERPRET, chunk_start_phases, mamba3_fused_fwd, ssd_core_fwd
+from .triton_siso_fwd import INTERPRET, chunk_start_phases, mamba3_fused_fwd, prep_rows, ssd_core_fwd
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+QK_GRADS_16BIT = True  # the core backward hands d(rotated q), d(scaled k) to the prep backward in bf16/fp16
 
 
 class SSDCoreFn(torch.autograd.Function):
@@ -107,7 +110,7 @@ def _forward(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state,
                 v.new_zeros(B, H, q.shape[-1]), v.new_zeros(B, H, P))
         return v.new_zeros(B, 0, H, P), fin
     a0, s0, k0, v0 = initial_state if initial_state is not None else (None,) * 4
-    th0, final_angle = chunk_start_phases(dt, angles, a0, chunk_size)
+    th0, final_angle = chunk_start_phases(dt, angles, a0, prep_rows(chunk_size))  # per block of rows
     # inside Function.forward needs_input_grad ignores no_grad: decide here whether to save
     train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
         q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, a0, s0, k0, v0))
@@ -136,6 +139,29 @@ def _entering_state(s0, k0, v0, lam0, dt0):
     if s0 is None:
         return None
     return s0.float() + ((1.0 - lam0) * dt0)[..., None, None] * v0.float().unsqueeze(-1) * k0.float().unsqueeze(-2)
+
+
+def _phase_grads(dtot, ddt_loc, dang_loc, dt32, angles, C):
+    """Finish the phase chain rule from prep_bwd's outputs (see _prep_bwd_kernel) on blocks of C
+    tokens: the gradient of the phase increment at t is R_c - P_t, R_c = the sum of the block sums
+    of d theta over blocks >= c (t's block).
+    Returns (d dt through the phase [B, T, H], d angles (angles' shape), d initial phase [B, H, S])."""
+    B, T, H = dt32.shape
+    nc, S = dtot.shape[2], dtot.shape[3]
+    rc = dtot.flip(2).cumsum(2).flip(2)                                  # [B, H, nc, S]
+    th = torch.tanh(angles.float())
+    pad = nc * C - T
+    per_chunk = lambda x: F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)).view(B, nc, C, *x.shape[2:])
+    unchunk = lambda x: x.reshape(B, nc * C, *x.shape[3:])[:, :T]
+    if angles.dim() == 3:                                                  # shared by the heads
+        rate = per_chunk(torch.pi * th)                                    # [B, nc, C, S]
+        ddt = ddt_loc + unchunk(torch.einsum("bcrs,bhcs->bcrh", rate, rc))
+        dinc_dt = dang_loc.sum(2) + unchunk(torch.einsum("bcrh,bhcs->bcrs", per_chunk(dt32), rc))
+    else:                                                                  # per head [B, T, H, S]
+        rcb = unchunk(rc.permute(0, 2, 1, 3).unsqueeze(2).expand(B, nc, C, H, S))
+        ddt = ddt_loc + (torch.pi * th * rcb).sum(-1)
+        dinc_dt = dang_loc + dt32.unsqueeze(-1) * rcb
+    return ddt, dinc_dt * torch.pi * (1 - th * th), rc[:, :, 0]
 
 
 class Mamba3SisoFn(torch.autograd.Function):
@@ -170,31 +196,20 @@ class Mamba3SisoFn(torch.autograd.Function):
         vk = v if v.dtype == kd else v.to(kd)
         dQ, dK, dv, ddA, dS0 = ssd_core_bwd(Q, K, vk, dA, dO, states, dec,
                                             None if dfinal is None else dfinal.float().contiguous(), C,
-                                            skip=skip, dv_dtype=v.dtype)        # dv includes skip dO
-        dqh, dkh, dth, dcs, dgamma, dqb, dkb = prep_bwd(q, k, q_bias, k_bias, dt, trap, angles, th0, dQ, dK,
-                                                       dskip, C)
+                                            skip=skip, dv_dtype=v.dtype,
+                                            dqk_dtype=kd if QK_GRADS_16BIT else torch.float32)  # dv: + skip dO
+        rows = prep_rows(C)
+        dq, dk, dtot, ddt_loc, dang_loc, dcs, dgamma, dqb, dkb = prep_bwd(q, k, q_bias, k_bias, dt, trap, angles,
+                                                                         th0, rows, dQ, dK, dskip)
         lam = torch.sigmoid(trap.float())
         dt32 = dt.float()
-        # phase: theta_t = a0 + sum_{r<=t} dt_r pi tanh(angles_r)  ->  reverse cumsum
-        # (scanned with T innermost: torch's scan over an outer dim of [B, T, H, S] was ~40x slower)
-        csum = dth.permute(0, 2, 3, 1).contiguous().cumsum(-1)                # [B, H, S, T]
-        dinc = (csum[..., -1:] - csum).permute(0, 3, 1, 2) + dth              # [B, T, H, S]
-        th = torch.tanh(angles.float())
-        rate = torch.pi * th
-        if angles.dim() == 3:
-            ddt_phase = (dinc * rate.unsqueeze(2)).sum(-1)
-            dang = ((dinc * dt32.unsqueeze(-1)).sum(2) * torch.pi * (1 - th * th))
-        else:
-            ddt_phase = (dinc * rate).sum(-1)
-            dang = dinc * dt32.unsqueeze(-1) * torch.pi * (1 - th * th)
+        ddt_phase, dang, dtheta0 = _phase_grads(dtot, ddt_loc, dang_loc, dt32, angles, rows)
         # c_t = gamma_t + u_{t+1}, u_t = (1 - lam_t) dt_t;  S0 = s0 + u_0 v0 k0^T
         du = F.pad(dcs[:, :-1], (0, 0, 1, 0))
         if s0 is not None:
             du[:, 0] = du[:, 0] + torch.einsum("bhpn,bhp,bhn->bh", dS0, v0.float(), k0.float())
         ddt = dgamma * lam + du * (1.0 - lam) + ddt_phase
         dtrap = (dgamma * dt32 - du * dt32) * lam * (1.0 - lam)
-        dq = dqh.view(B, T, G, H // G, N).sum(3)
-        dk = dkh.view(B, T, G, H // G, N).sum(3)
         da0 = ds0 = dk0 = dv0 = None
         if s0 is not None:
             u0 = ((1.0 - lam[:, 0]) * dt32[:, 0])[..., None]
@@ -202,7 +217,7 @@ class Mamba3SisoFn(torch.autograd.Function):
             dv0 = u0 * torch.einsum("bhpn,bhn->bhp", dS0, k0.float())
             dk0 = u0 * torch.einsum("bhpn,bhp->bhn", dS0, v0.float())
         if a0 is not None:
-            da0 = dinc[:, 0]
+            da0 = dtheta0
         cast = lambda gr, ref: None if gr is None or ref is None else gr.to(ref.dtype)
         return (cast(dq, q), cast(dk, k), cast(dv, v), cast(ddA, dA), cast(ddt, dt), cast(dtrap, trap),
                 cast(dqb, q_bias), cast(dkb, k_bias), cast(dang, angles),

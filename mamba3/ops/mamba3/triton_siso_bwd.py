@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_siso_fwd import (_chunk_coeffs, _chunk_phase, _interleave, _load_chunk, _load_ell, _rotated_pairs,
+from .triton_siso_fwd import (_biased_pairs, _interleave, _load_chunk, _load_ell, _row_coeffs, _row_phase,
                               _split_pairs, chunk_warps, dot_precision, nonempty, static_loop)
 
 
@@ -94,78 +94,115 @@ def _store_chunk(ptr, x, b, h, c, T, stride_b, stride_t, stride_h, CHUNK: tl.con
 
 
 @triton.jit
+def _load_cols(ptr, b, h, c, T, stride_b, stride_t, stride_h, n0, CHUNK: tl.constexpr, BLOCK: tl.constexpr, DIM):
+    """[CHUNK, BLOCK] tile of columns n0 .. n0 + BLOCK of a [B, T, H, DIM] tensor, zero-padded."""
+    t = c * CHUNK + tl.arange(0, CHUNK)
+    d = n0 + tl.arange(0, BLOCK)
+    return tl.load(ptr + b * stride_b + t[:, None] * stride_t + h * stride_h + d[None, :],
+                   mask=(t[:, None] < T) & (d[None, :] < DIM), other=0.0)
+
+
+@triton.jit
+def _store_cols(ptr, x, b, h, c, T, stride_b, stride_t, stride_h, n0, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                DIM):
+    t = c * CHUNK + tl.arange(0, CHUNK)
+    d = n0 + tl.arange(0, BLOCK)
+    tl.store(ptr + b * stride_b + t[:, None] * stride_t + h * stride_h + d[None, :], x.to(ptr.dtype.element_ty),
+             mask=(t[:, None] < T) & (d[None, :] < DIM))
+
+
+@triton.jit
+def _state_cols(ptr, base, P, N, n0, BLOCK_P: tl.constexpr, BLOCK: tl.constexpr):
+    """[BLOCK_P, BLOCK] columns n0 .. n0 + BLOCK of the [P, N] state at ``base``."""
+    p = tl.arange(0, BLOCK_P)
+    n = n0 + tl.arange(0, BLOCK)
+    return tl.load(ptr + base + p[:, None] * N + n[None, :], mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)
+
+
+@triton.jit
 def _chunk_bwd_kernel(Q, K, V, dA, dY, ST, GS, SKIP, dQ, dK, dV, ddA, T, H, nc, N, P,
                       sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, syb, syt, syh,
                       HAS_SKIP: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_P: tl.constexpr, PREC: tl.constexpr):
+                      BLOCK_P: tl.constexpr, PREC: tl.constexpr, NSPLIT: tl.constexpr):
+    """Chunk c of one (batch, head). The state dimension N is walked in NSPLIT column blocks, twice
+    (first the [C, C] scores and the state-building term, then dQ, dK per block), so that no more
+    than one block of q, k, S, G is live at once (the whole-N kernel spilled ~1 KB per thread)."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    q = _load_chunk(Q, b, h, c, T, sqb, sqt, sqh, CHUNK, BLOCK_N, N)
-    k = _load_chunk(K, b, h, c, T, skb, skt, skh, CHUNK, BLOCK_N, N)
+    NB: tl.constexpr = BLOCK_N // NSPLIT
     v = _load_chunk(V, b, h, c, T, svb, svt, svh, CHUNK, BLOCK_P, P)
     dy = _load_chunk(dY, b, h, c, T, syb, syt, syh, CHUNK, BLOCK_P, P)
     ell = _load_ell(dA, b, h, c, T, sdb, sdt, sdh, CHUNK)
     i = tl.arange(0, CHUNK)
     last = tl.sum(tl.where(i == CHUNK - 1, ell, 0.0), axis=0)
-    p = tl.arange(0, BLOCK_P)
-    n = tl.arange(0, BLOCK_N)
-    pn = (bh * nc + c) * P * N + p[:, None] * N + n[None, :]
-    pn_mask = (p[:, None] < P) & (n[None, :] < N)
-    s = tl.load(ST + pn, mask=pn_mask, other=0.0)                       # state entering chunk c
-    g = tl.load(GS + pn, mask=pn_mask, other=0.0).to(tl.float32)        # d(state leaving chunk c)
-    dt = q.dtype
-
-    strict = i[:, None] > i[None, :]
-    decay = tl.exp(tl.where(strict, ell[:, None] - ell[None, :], -float("inf")))
-    a = tl.dot(q, tl.trans(k), input_precision=PREC) * decay           # masked scores [t, s]
-    dp = tl.dot(dy, tl.trans(v), input_precision=PREC)                 # dO_t . V_s
-    dsc = dp * decay
     wk = tl.exp(last - ell)
-    kw = (k.to(tl.float32) * wk[:, None]).to(dt)
-    u = tl.dot(kw, tl.trans(g.to(dt)), input_precision=PREC)           # [C, P] state-building
-    dv = tl.dot(tl.trans(a.to(dt)), dy, input_precision=PREC) + u
     eq = tl.exp(ell)
-    dq = tl.dot(dsc.to(dt), k, input_precision=PREC) \
-        + eq[:, None] * tl.dot(dy, s.to(dt), input_precision=PREC)
-    dk = tl.dot(tl.trans(dsc.to(dt)), q, input_precision=PREC) \
-        + wk[:, None] * tl.dot(v, g.to(dt), input_precision=PREC)
-
-    # d ell: intra (rows gain, columns lose), inter, state building, chunk decay
+    sbase = (bh * nc + c) * P * N
+    dt = v.dtype
+    # pass 1: scores q k^T, the state-building term u = (w k) G^T, and <G, S>
+    qk = tl.zeros([CHUNK, CHUNK], dtype=tl.float32)
+    u = tl.zeros([CHUNK, BLOCK_P], dtype=tl.float32)
+    gs = 0.0
+    for j in range(NSPLIT):
+        q = _load_cols(Q, b, h, c, T, sqb, sqt, sqh, j * NB, CHUNK, NB, N)
+        k = _load_cols(K, b, h, c, T, skb, skt, skh, j * NB, CHUNK, NB, N)
+        g = _state_cols(GS, sbase, P, N, j * NB, BLOCK_P, NB)          # d(state leaving chunk c)
+        s = _state_cols(ST, sbase, P, N, j * NB, BLOCK_P, NB)          # state entering chunk c
+        qk = tl.dot(q, tl.trans(k), qk, input_precision=PREC)
+        u = tl.dot((k.to(tl.float32) * wk[:, None]).to(dt), tl.trans(g.to(dt)), u, input_precision=PREC)
+        gs += tl.sum(tl.sum(g.to(tl.float32) * s.to(tl.float32), axis=1), axis=0)
+    decay = tl.exp(tl.where(i[:, None] > i[None, :], ell[:, None] - ell[None, :], -float("inf")))
+    a = qk * decay                                                     # masked scores [t, s]
+    dp = tl.dot(dy, tl.trans(v), input_precision=PREC)                 # dO_t . V_s
     gm = dp * a
+    # d ell: intra (rows gain, columns lose), inter (pass 2), state building, chunk decay
     dl = tl.sum(gm, axis=1) - tl.sum(gm, axis=0)
-    inter = tl.dot(q, tl.trans(s.to(dt)), input_precision=PREC) * eq[:, None]
-    dl += tl.sum(dy.to(tl.float32) * inter, axis=1)
     term = tl.sum(v.to(tl.float32) * u, axis=1)
     dl -= term
-    dlast = tl.sum(term, axis=0) + tl.exp(last) * tl.sum(tl.sum(g * s.to(tl.float32), axis=1), axis=0)
-    # ell_t = sum_{r<=t} dA_r  ->  d dA_r = sum_{t>=r} d ell_t ; ell_last depends on every dA_r
-    dda = tl.sum(dl, axis=0) - tl.cumsum(dl, axis=0) + dl + dlast
-
-    _store_chunk(dQ, dq, b, h, c, T, sqb, sqt, sqh, CHUNK, BLOCK_N, N)
-    _store_chunk(dK, dk, b, h, c, T, skb, skt, skh, CHUNK, BLOCK_N, N)
+    dlast = tl.sum(term, axis=0) + tl.exp(last) * gs
+    dv = tl.dot(tl.trans(a.to(dt)), dy, u, input_precision=PREC)
     t = c * CHUNK + i
     if HAS_SKIP:   # y_t += skip_t x_t (skip [B, T, H] fp32, dA's layout)
         skip = tl.load(SKIP + b * sdb + t * sdt + h * sdh, mask=t < T, other=0.0)
         dv += skip[:, None] * dy.to(tl.float32)
     _store_chunk(dV, dv, b, h, c, T, svb, svt, svh, CHUNK, BLOCK_P, P)
+    dsc = (dp * decay).to(dt)
+    # pass 2: dQ = dsc K + e (dY S), dK = dsc^T Q + w (V G) per column block
+    for j in range(NSPLIT):
+        q = _load_cols(Q, b, h, c, T, sqb, sqt, sqh, j * NB, CHUNK, NB, N)
+        k = _load_cols(K, b, h, c, T, skb, skt, skh, j * NB, CHUNK, NB, N)
+        s = _state_cols(ST, sbase, P, N, j * NB, BLOCK_P, NB)
+        dys = tl.dot(dy, s.to(dt), input_precision=PREC) * eq[:, None]
+        dl += tl.sum(q.to(tl.float32) * dys, axis=1)
+        _store_cols(dQ, tl.dot(dsc, k, dys, input_precision=PREC), b, h, c, T, sqb, sqt, sqh, j * NB, CHUNK, NB, N)
+        g = _state_cols(GS, sbase, P, N, j * NB, BLOCK_P, NB)
+        vg = tl.dot(v, g.to(dt), input_precision=PREC) * wk[:, None]
+        _store_cols(dK, tl.dot(tl.trans(dsc), q, vg, input_precision=PREC), b, h, c, T, skb, skt, skh, j * NB,
+                    CHUNK, NB, N)
+    # ell_t = sum_{r<=t} dA_r  ->  d dA_r = sum_{t>=r} d ell_t ; ell_last depends on every dA_r
+    dda = tl.sum(dl, axis=0) - tl.cumsum(dl, axis=0) + dl + dlast
     tl.store(ddA + b * sdb + t * sdt + h * sdh, dda, mask=t < T)
 
 
-def ssd_core_bwd(Q, K, V, dA, dY, states, dec, dSF, chunk_size: int, skip=None, dv_dtype=torch.float32):
-    """Gradients of :func:`ssd_core_fwd`: (dQ, dK fp32, dV in ``dv_dtype``, in the inputs' layouts,
-    d dA fp32, d initial state fp32 [B, H, P, N]). ``states`` are the forward's entering states; Q,
-    K, V, dA, dY must be contiguous (dY in Q's dtype). ``skip`` [B, T, H] fp32 (dA's layout): the
-    output also had skip_t V_t, so dV gets skip_t dY_t."""
+BWD_COLS = 64   # state columns per step of the chunk backward (N = 128 in 2 steps: no spills on sm_90)
+
+
+def ssd_core_bwd(Q, K, V, dA, dY, states, dec, dSF, chunk_size: int, skip=None, dv_dtype=torch.float32,
+                 dqk_dtype=torch.float32):
+    """Gradients of :func:`ssd_core_fwd`: (dQ, dK in ``dqk_dtype``, dV in ``dv_dtype``, in the inputs'
+    layouts, d dA fp32, d initial state fp32 [B, H, P, N]). ``states`` are the forward's entering
+    states; Q, K, V, dA, dY must be contiguous (dY in Q's dtype). ``skip`` [B, T, H] fp32 (dA's
+    layout): the output also had skip_t V_t, so dV gets skip_t dY_t."""
     B, T, H, N = Q.shape
     P = V.shape[-1]
     C = chunk_size
     nc = states.shape[2]
     gs = torch.empty_like(states)
     dS0 = torch.empty(B, H, P, N, device=Q.device, dtype=torch.float32)
-    dQ = torch.empty(Q.shape, device=Q.device, dtype=torch.float32)
-    dK = torch.empty(K.shape, device=Q.device, dtype=torch.float32)
+    dQ = torch.empty(Q.shape, device=Q.device, dtype=dqk_dtype)
+    dK = torch.empty(K.shape, device=Q.device, dtype=dqk_dtype)
     dV = torch.empty(V.shape, device=Q.device, dtype=dv_dtype)
     ddA = torch.empty(dA.shape, device=Q.device, dtype=torch.float32)
     BN, BP = max(16, triton.next_power_of_2(N)), max(16, triton.next_power_of_2(P))
@@ -184,7 +221,8 @@ def ssd_core_bwd(Q, K, V, dA, dY, states, dec, dSF, chunk_size: int, skip=None, 
     _chunk_bwd_kernel[(nc, B * H)](Q, K, V, dA, dY, states, gs, ddA if skip is None else skip, dQ, dK, dV, ddA,
                                    T, H, nc, N, P, *Q.stride()[:3], *K.stride()[:3], *V.stride()[:3],
                                    *dA.stride(), *dY.stride()[:3], HAS_SKIP=skip is not None, CHUNK=C,
-                                   BLOCK_N=BN, BLOCK_P=BP, PREC=prec, num_warps=nw)
+                                   BLOCK_N=BN, BLOCK_P=BP, PREC=prec, NSPLIT=max(1, BN // max(16, BWD_COLS)),
+                                   num_warps=nw)
     return dQ, dK, dV, ddA, dS0
 
 
@@ -231,75 +269,119 @@ def gate_bwd(dy, z, ypre, v, do_dtype):
 
 
 @triton.jit
-def _prep_bwd_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, dQ, dK, DSKIP, DQH, DKH, DTH, DCS, DGAM, DQB, DKB,
-                     T, H, G, nc, N, S, sqb, sqt, sqg, sdb, sdt, sdh, sab, sat, sah,
-                     CHUNK: tl.constexpr, BLOCK_N2: tl.constexpr):
-    """Back through the per-token preparation of one chunk: from dQ (rotated q) and dK (rotated,
-    scaled k) [B, T, H, N] fp32 and d(skip) [B, T, H] to the per-head gradients of the biased,
-    un-rotated q and k (DQH, DKH [B, T, H, N]) and their sums over the chunk's tokens (the bias
-    gradients' partials DQB, DKB [B, nc, H, N]), of the phase (DTH [B, T, H, S]), of the scale c
-    (DCS) and of gamma through the skip (DGAM = DCS + dskip <q + q_bias, k + k_bias>) [B, T, H]."""
-    c = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    g = h // (H // G)
-    t = c * CHUNK + tl.arange(0, CHUNK)
-    tm = t < T
-    dt, gamma, cs = _chunk_coeffs(DT, TRAP, b, h, c, T, sdb, sdt, sdh, CHUNK)
-    cos, sin = _chunk_phase(ANG, TH0, dt, b, bh, c, T, nc, S, sab, sat, sah, h, CHUNK, BLOCK_N2)
-    qe, qo, qre, qro = _rotated_pairs(Q, QB, b, g, h, t, T, N, sqb, sqt, sqg, cos, sin, BLOCK_N2)
-    ke, ko, kre, kro = _rotated_pairs(K, KB, b, g, h, t, T, N, sqb, sqt, sqg, cos, sin, BLOCK_N2)
+def _prep_bwd_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, dQ, dK, DSKIP, DQ, DK, DTOT, DDTL, DANGL, DCS, DGAM, DQB,
+                     DKB, T, H, G, nblk, N, S, sqb, sqt, sqg, sdb, sdt, sdh, sab, sat, sah,
+                     ANG_PER_HEAD: tl.constexpr, HG: tl.constexpr, ROWS: tl.constexpr, BLOCK_N2: tl.constexpr):
+    """Back through the per-token preparation (bias, rotation, trapezoid scale, skip) of ROWS tokens
+    of one (batch, q/k group), looping over the group's HG heads.
+
+    In: dQ (rotated q) and dK (rotated, scaled k) [B, T, H, N], d(skip) [B, T, H], TH0 [B, H, nblk,
+    S] the phases entering each block. Out:
+      DQ, DK [B, T, G, N] (DQ's dtype): the gradients of q, k, summed over the group's heads here;
+      DTOT [B, H, nblk, S]: the block's sum of d theta (d theta_t = the gradient of the phase at t);
+      with P_t = sum of d theta over the block's tokens before t, the phase at t feeds every later
+      phase, so d(increment_t) = (sum of DTOT over blocks >= this one) - P_t. The -P_t parts:
+      DDTL [B, T, H] = -sum_s P_t rate_t (for d dt) and DANGL = -sum_h dt_t P_t ([B, T, G, S]; per
+      head, [B, T, H, S], with per-head angles) for d angles; the block-level part is added outside;
+      DCS = d c_t, DGAM = d gamma_t [B, T, H]; DQB, DKB [B, nblk, H, N]: bias-gradient partials.
+    """
+    blk = tl.program_id(0)
+    bg = tl.program_id(1)
+    b = bg // G
+    g = bg % G
     i = tl.arange(0, BLOCK_N2)
     n = tl.arange(0, 2 * BLOCK_N2)
-    row = ((b * T + t) * H + h) * N
+    rot = i < S
+    t = blk * ROWS + tl.arange(0, ROWS)
+    tm = t < T
     m = tm[:, None] & (n[None, :] < N)
-    # contiguous tiles split / interleaved in registers (stride-2 access is several times slower)
-    dqe, dqo = _split_pairs(tl.load(dQ + row[:, None] + n[None, :], mask=m, other=0.0), CHUNK, BLOCK_N2)
-    dke, dko = _split_pairs(tl.load(dK + row[:, None] + n[None, :], mask=m, other=0.0), CHUNK, BLOCK_N2)
-    dcs = tl.sum(dke * kre + dko * kro, axis=1)
-    dke = dke * cs[:, None]
-    dko = dko * cs[:, None]
-    # rotation (e, o) -> (e c - o s, e s + o c): d theta = -de' ro + do' re for q and k
-    dth = qre * dqo - qro * dqe + kre * dko - kro * dke
-    tl.store(DTH + ((b * T + t[:, None]) * H + h) * S + i[None, :], dth, mask=tm[:, None] & (i[None, :] < S))
-    dsk = tl.load(DSKIP + (b * T + t) * H + h, mask=tm, other=0.0)
-    gd = (dsk * gamma)[:, None]
-    dqe_u = dqe * cos + dqo * sin + gd * ke
-    dqo_u = dqo * cos - dqe * sin + gd * ko
-    dke_u = dke * cos + dko * sin + gd * qe
-    dko_u = dko * cos - dke * sin + gd * qo
-    tl.store(DQH + row[:, None] + n[None, :], _interleave(dqe_u, dqo_u, CHUNK, 2 * BLOCK_N2), mask=m)
-    tl.store(DKH + row[:, None] + n[None, :], _interleave(dke_u, dko_u, CHUNK, 2 * BLOCK_N2), mask=m)
-    tl.store(DCS + (b * T + t) * H + h, dcs, mask=tm)
-    qk = tl.sum(qe * ke + qo * ko, axis=1)
-    tl.store(DGAM + (b * T + t) * H + h, dcs + dsk * qk, mask=tm)
-    # bias gradients: this chunk's sum over tokens (masked rows are zero), interleaved back to N
-    pb = ((b * nc + c) * H + h) * N + 2 * i
-    tl.store(DQB + pb, tl.sum(dqe_u, axis=0), mask=2 * i < N)
-    tl.store(DQB + pb + 1, tl.sum(dqo_u, axis=0), mask=2 * i + 1 < N)
-    tl.store(DKB + pb, tl.sum(dke_u, axis=0), mask=2 * i < N)
-    tl.store(DKB + pb + 1, tl.sum(dko_u, axis=0), mask=2 * i + 1 < N)
+    acc_qe = tl.zeros([ROWS, BLOCK_N2], dtype=tl.float32)
+    acc_qo = tl.zeros([ROWS, BLOCK_N2], dtype=tl.float32)
+    acc_ke = tl.zeros([ROWS, BLOCK_N2], dtype=tl.float32)
+    acc_ko = tl.zeros([ROWS, BLOCK_N2], dtype=tl.float32)
+    acc_ang = tl.zeros([ROWS, BLOCK_N2], dtype=tl.float32)
+    for hl in range(HG):
+        h = g * HG + hl
+        dt, gamma, cs = _row_coeffs(DT, TRAP, b, h, t, T, sdb, sdt, sdh)
+        start = tl.load(TH0 + ((b * H + h) * nblk + blk) * S + i, mask=rot, other=0.0)
+        cos, sin, rate, _ = _row_phase(ANG, dt, b, h, t, T, S, sab, sat, sah, start, BLOCK_N2)
+        qe, qo = _biased_pairs(Q, QB, b, g, h, t, T, N, sqb, sqt, sqg, BLOCK_N2)
+        ke, ko = _biased_pairs(K, KB, b, g, h, t, T, N, sqb, sqt, sqg, BLOCK_N2)
+        row = ((b * T + t) * H + h) * N
+        # rotated back: u = R^T dQ, w = R^T dK (contiguous tiles split in registers; stride-2 access
+        # is several times slower). With R' = R J, d theta = <dQ, R J q> = <u, J q>, J (e, o) = (-o, e),
+        # so the rotated q, k are never formed; d c = <dK, R k> = <w, k>.
+        dqe, dqo = _split_pairs(tl.load(dQ + row[:, None] + n[None, :], mask=m, other=0.0).to(tl.float32),
+                                ROWS, BLOCK_N2)
+        ue = dqe * cos + dqo * sin
+        uo = dqo * cos - dqe * sin
+        dke, dko = _split_pairs(tl.load(dK + row[:, None] + n[None, :], mask=m, other=0.0).to(tl.float32),
+                                ROWS, BLOCK_N2)
+        we = dke * cos + dko * sin
+        wo = dko * cos - dke * sin
+        dcs = tl.sum(we * ke + wo * ko, axis=1)
+        we = we * cs[:, None]
+        wo = wo * cs[:, None]
+        dth = tl.where(rot[None, :], qe * uo - qo * ue + ke * wo - ko * we, 0.0)
+        prior = tl.cumsum(dth, axis=0) - dth                               # P_t: block rows before t
+        tl.store(DTOT + ((b * H + h) * nblk + blk) * S + i, tl.sum(dth, axis=0), mask=rot)
+        ht = (b * T + t) * H + h
+        tl.store(DDTL + ht, -tl.sum(prior * rate, axis=1), mask=tm)
+        if ANG_PER_HEAD:
+            tl.store(DANGL + ht[:, None] * S + i[None, :], -dt[:, None] * prior, mask=tm[:, None] & rot[None, :])
+        else:
+            acc_ang -= dt[:, None] * prior
+        dsk = tl.load(DSKIP + ht, mask=tm, other=0.0)
+        gd = (dsk * gamma)[:, None]
+        dqe_u = ue + gd * ke
+        dqo_u = uo + gd * ko
+        dke_u = we + gd * qe
+        dko_u = wo + gd * qo
+        acc_qe += dqe_u
+        acc_qo += dqo_u
+        acc_ke += dke_u
+        acc_ko += dko_u
+        tl.store(DCS + ht, dcs, mask=tm)
+        tl.store(DGAM + ht, dcs + dsk * tl.sum(qe * ke + qo * ko, axis=1), mask=tm)
+        # bias gradients: this block's sum over tokens (masked rows are zero), interleaved back to N
+        pb = ((b * nblk + blk) * H + h) * N + n
+        tl.store(DQB + pb, tl.reshape(_interleave(tl.sum(dqe_u, axis=0)[None, :], tl.sum(dqo_u, axis=0)[None, :], 1,
+                                                  2 * BLOCK_N2), [2 * BLOCK_N2]), mask=n < N)
+        tl.store(DKB + pb, tl.reshape(_interleave(tl.sum(dke_u, axis=0)[None, :], tl.sum(dko_u, axis=0)[None, :], 1,
+                                                  2 * BLOCK_N2), [2 * BLOCK_N2]), mask=n < N)
+    go = ((b * T + t[:, None]) * G + g) * N + n[None, :]
+    tl.store(DQ + go, _interleave(acc_qe, acc_qo, ROWS, 2 * BLOCK_N2).to(DQ.dtype.element_ty), mask=m)
+    tl.store(DK + go, _interleave(acc_ke, acc_ko, ROWS, 2 * BLOCK_N2).to(DK.dtype.element_ty), mask=m)
+    if not ANG_PER_HEAD:
+        tl.store(DANGL + ((b * T + t[:, None]) * G + g) * S + i[None, :], acc_ang, mask=tm[:, None] & rot[None, :])
 
 
-def prep_bwd(q, k, q_bias, k_bias, dt, trap, angles, th0, dQ, dK, dskip, chunk_size):
-    """Launch :func:`_prep_bwd_kernel` (raw inputs contiguous as in the forward). Returns (dqh, dkh
-    [B, T, H, N], dtheta [B, T, H, S], dc, dgamma [B, T, H], all fp32; bias gradients dq_bias,
-    dk_bias [H, N] fp32)."""
+PREP_BWD_NUM_WARPS = 8   # sm_90 offline compile at 16 rows: 143 registers (4 warps: 252)
+
+
+def prep_bwd(q, k, q_bias, k_bias, dt, trap, angles, th0, rows, dQ, dK, dskip):
+    """Launch :func:`_prep_bwd_kernel` (raw inputs contiguous as in the forward; th0 [B, H, nblk, S]
+    the phases entering each block of ``rows`` tokens; grid (blocks, B*G)). Returns (dq, dk [B, T,
+    G, N] in q's dtype; dtot [B, H, nblk, S], ddt_local [B, T, H], dang_local ([B, T, G, S] or, with
+    per-head angles, [B, T, H, S]), dc, dgamma [B, T, H], all fp32; the bias gradients dq_bias,
+    dk_bias [H, N] fp32); see the kernel for the phase terms."""
     B, T, H = dt.shape
     G, N = q.shape[2], q.shape[3]
     S = angles.shape[-1]
-    nc = th0.shape[2]
+    nblk = th0.shape[2]
+    per_head = angles.dim() == 4
     f32 = dict(device=dt.device, dtype=torch.float32)
-    dqh, dkh = torch.empty(B, T, H, N, **f32), torch.empty(B, T, H, N, **f32)
-    dth = torch.empty(B, T, H, S, **f32)
-    dcs, dgam = torch.empty(B, T, H, **f32), torch.empty(B, T, H, **f32)
-    dqb, dkb = torch.empty(B, nc, H, N, **f32), torch.empty(B, nc, H, N, **f32)
-    sa = (angles.stride(0), angles.stride(1), 0 if angles.dim() == 3 else angles.stride(2))
+    dq = torch.empty(B, T, G, N, device=q.device, dtype=q.dtype)
+    dk = torch.empty(B, T, G, N, device=q.device, dtype=k.dtype)
+    dtot = torch.empty(B, H, nblk, S, **f32)
+    ddtl, dcs, dgam = torch.empty(B, T, H, **f32), torch.empty(B, T, H, **f32), torch.empty(B, T, H, **f32)
+    dangl = torch.empty(B, T, H if per_head else G, S, **f32)
+    dqb, dkb = torch.empty(B, nblk, H, N, **f32), torch.empty(B, nblk, H, N, **f32)
+    sa = (angles.stride(0), angles.stride(1), angles.stride(2) if per_head else 0)
     BN2 = max(32, triton.next_power_of_2(N)) // 2
-    angles, th0, dth_arg = nonempty(angles, dt), nonempty(th0, dt), nonempty(dth, dcs)
-    _prep_bwd_kernel[(nc, B * H)](q, k, q_bias.float().contiguous(), k_bias.float().contiguous(), dt, trap, angles,
-                                  th0, dQ, dK, dskip, dqh, dkh, dth_arg, dcs, dgam, dqb, dkb, T, H, G, nc, N, S,
-                                  *q.stride()[:3], *dt.stride(), *sa, CHUNK=chunk_size, BLOCK_N2=BN2,
-                                  num_warps=8)  # ptxas: 4 warps spill ~1.2 KB per thread, 8 warps ~32 B
-    return dqh, dkh, dth, dcs, dgam, dqb.sum((0, 1)), dkb.sum((0, 1))
+    angles, th0, dtot_, dangl_ = nonempty(angles, dt), nonempty(th0, dt), nonempty(dtot, dcs), nonempty(dangl, dcs)
+    _prep_bwd_kernel[(nblk, B * G)](q, k, q_bias.float().contiguous(), k_bias.float().contiguous(), dt, trap, angles,
+                                    th0, dQ, dK, dskip, dq, dk, dtot_, ddtl, dangl_, dcs, dgam, dqb, dkb,
+                                    T, H, G, nblk, N, S, *q.stride()[:3], *dt.stride(), *sa, ANG_PER_HEAD=per_head,
+                                    HG=H // G, ROWS=rows, BLOCK_N2=BN2, num_warps=PREP_BWD_NUM_WARPS)
+    return dq, dk, dtot, ddtl, dangl, dcs, dgam, dqb.sum((0, 1)), dkb.sum((0, 1))

@@ -250,9 +250,8 @@ def _tanh(x):
 
 
 @triton.jit
-def _chunk_coeffs(DT, TRAP, b, h, c, T, sb, st, sh, CHUNK: tl.constexpr):
-    """dt, gamma = lam dt and the single-SSD scale c_t = gamma_t + (1 - lam_{t+1}) dt_{t+1}."""
-    t = c * CHUNK + tl.arange(0, CHUNK)
+def _row_coeffs(DT, TRAP, b, h, t, T, sb, st, sh):
+    """dt, gamma = lam dt and the single-SSD scale c_t = gamma_t + (1 - lam_{t+1}) dt_{t+1} of rows t."""
     base = b * sb + h * sh
     dt = tl.load(DT + base + t * st, mask=t < T, other=0.0).to(tl.float32)
     lam = tl.sigmoid(tl.load(TRAP + base + t * st, mask=t < T, other=0.0).to(tl.float32))
@@ -264,18 +263,18 @@ def _chunk_coeffs(DT, TRAP, b, h, c, T, sb, st, sh, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _chunk_phase(ANG, TH0, dt, b, bh, c, T, nc, S, sab, sat, sah, h,
-                 CHUNK: tl.constexpr, BLOCK_N2: tl.constexpr):
-    """cos, sin [CHUNK, BLOCK_N2] of the cumulative phase of pair i (1, 0 for unrotated pairs)."""
-    t = c * CHUNK + tl.arange(0, CHUNK)
+def _row_phase(ANG, dt, b, h, t, T, S, sab, sat, sah, start, BLOCK_N2: tl.constexpr):
+    """Rows t of a chunk whose phase entering them is ``start`` [BLOCK_N2]: cos, sin [ROWS, BLOCK_N2]
+    of the cumulative phase (1, 0 for unrotated pairs), the rate pi tanh(angles) [ROWS, BLOCK_N2]
+    and the phase leaving the rows (fp32, within one chunk: the chunk start is reduced mod 2 pi)."""
     i = tl.arange(0, BLOCK_N2)
     rot = i < S
     raw = tl.load(ANG + b * sab + h * sah + t[:, None] * sat + i[None, :],
                   mask=(t[:, None] < T) & rot[None, :], other=0.0).to(tl.float32)
-    th0 = tl.load(TH0 + (bh * nc + c) * S + i, mask=rot, other=0.0)
-    theta = th0[None, :] + tl.cumsum(dt[:, None] * 3.141592653589793 * _tanh(raw), axis=0)
-    cos, sin = _cos_sin(theta)
-    return tl.where(rot[None, :], cos, 1.0), tl.where(rot[None, :], sin, 0.0)
+    rate = 3.141592653589793 * _tanh(raw)
+    inc = dt[:, None] * rate
+    cos, sin = _cos_sin(start[None, :] + tl.cumsum(inc, axis=0))
+    return tl.where(rot[None, :], cos, 1.0), tl.where(rot[None, :], sin, 0.0), rate, start + tl.sum(inc, axis=0)
 
 
 @triton.jit
@@ -285,14 +284,20 @@ def _split_pairs(x, CHUNK: tl.constexpr, BLOCK_N2: tl.constexpr):
 
 
 @triton.jit
-def _rotated_pairs(X, XB, b, g, h, t, T, N, sxb, sxt, sxg, cos, sin, BLOCK_N2: tl.constexpr):
-    """Biased even/odd halves (e, o) and their rotation (re, ro), each [CHUNK, BLOCK_N2] fp32.
-    The tile is loaded contiguously and split in registers (stride-2 access was ~3x slower)."""
+def _biased_pairs(X, XB, b, g, h, t, T, N, sxb, sxt, sxg, BLOCK_N2: tl.constexpr):
+    """Even/odd halves (e, o) of rows t of x + bias, each [ROWS, BLOCK_N2] fp32. The tile is loaded
+    contiguously and split in registers (stride-2 access was ~3x slower)."""
     n = tl.arange(0, 2 * BLOCK_N2)
     x = tl.load(X + b * sxb + g * sxg + t[:, None] * sxt + n[None, :], mask=(t[:, None] < T) & (n[None, :] < N),
                 other=0.0).to(tl.float32)
     x += tl.load(XB + h * N + n, mask=n < N, other=0.0)[None, :]
-    e, o = _split_pairs(x, t.shape[0], BLOCK_N2)
+    return _split_pairs(x, t.shape[0], BLOCK_N2)
+
+
+@triton.jit
+def _rotated_pairs(X, XB, b, g, h, t, T, N, sxb, sxt, sxg, cos, sin, BLOCK_N2: tl.constexpr):
+    """Biased halves (e, o) and their rotation (re, ro), each [ROWS, BLOCK_N2] fp32."""
+    e, o = _biased_pairs(X, XB, b, g, h, t, T, N, sxb, sxt, sxg, BLOCK_N2)
     return e, o, e * cos - o * sin, e * sin + o * cos
 
 
@@ -389,42 +394,34 @@ def chunk_start_phases(dt, angles, init_angle, chunk_size):
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
-def _prep_chunk(Qr, Kr, QB, KB, DT, TRAP, ANG, TH0, b, g, h, bh, c, T, nc, N, S,
-                sqb, sqt, sqg, sdb, sdt, sdh, sab, sat, sah, CHUNK: tl.constexpr, BLOCK_N2: tl.constexpr, DTYPE):
-    """Prepared q = rot(q + q_bias), k = c_t rot(k + k_bias) [CHUNK, 2 BLOCK_N2] (interleaved pairs,
-    DTYPE) and gamma_t <q_t + q_bias, k_t + k_bias> [CHUNK] fp32 of chunk c (zeros past the end)."""
-    t = c * CHUNK + tl.arange(0, CHUNK)
-    dt, gamma, cs = _chunk_coeffs(DT, TRAP, b, h, c, T, sdb, sdt, sdh, CHUNK)
-    cos, sin = _chunk_phase(ANG, TH0, dt, b, bh, tl.minimum(c, nc - 1), T, nc, S, sab, sat, sah, h, CHUNK, BLOCK_N2)
-    qe, qo, qre, qro = _rotated_pairs(Qr, QB, b, g, h, t, T, N, sqb, sqt, sqg, cos, sin, BLOCK_N2)
-    ke, ko, kre, kro = _rotated_pairs(Kr, KB, b, g, h, t, T, N, sqb, sqt, sqg, cos, sin, BLOCK_N2)
-    diag = gamma * tl.sum(qe * ke + qo * ko, axis=1)
-    q = _interleave(qre, qro, CHUNK, 2 * BLOCK_N2).to(DTYPE)
-    k = _interleave(kre * cs[:, None], kro * cs[:, None], CHUNK, 2 * BLOCK_N2).to(DTYPE)
-    return q, k, diag
-
-
-@triton.jit
-def _prep_qk_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, Dp, QS, KS, SKIP, T, H, G, nc, N, S,
+def _prep_qk_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, Dp, QS, KS, SKIP, T, H, G, nblk, N, S,
                     sqb, sqt, sqg, sdb, sdt, sdh, sab, sat, sah,
-                    HAS_D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N2: tl.constexpr):
-    """QS, KS [B, T, H, N] (QS's dtype) and SKIP = D + gamma <q, k> [B, T, H] fp32 of one chunk."""
-    c = tl.program_id(0)
+                    HAS_D: tl.constexpr, ROWS: tl.constexpr, BLOCK_N2: tl.constexpr):
+    """ROWS tokens of one (batch, head), from the phase entering them (TH0 [B, H, nblk, S]): QS =
+    rot(q + q_bias), KS = c_t rot(k + k_bias) [B, T, H, N] in QS's dtype and SKIP = D + gamma_t
+    <q_t + q_bias, k_t + k_bias> [B, T, H] fp32. Small row blocks keep the tiles from spilling."""
+    blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     g = h // (H // G)
-    t = c * CHUNK + tl.arange(0, CHUNK)
-    q, k, skip = _prep_chunk(Q, K, QB, KB, DT, TRAP, ANG, TH0, b, g, h, bh, c, T, nc, N, S, sqb, sqt, sqg,
-                             sdb, sdt, sdh, sab, sat, sah, CHUNK, BLOCK_N2, QS.dtype.element_ty)
+    i = tl.arange(0, BLOCK_N2)
+    n = tl.arange(0, 2 * BLOCK_N2)
+    t = blk * ROWS + tl.arange(0, ROWS)
+    phase = tl.load(TH0 + (bh * nblk + blk) * S + i, mask=i < S, other=0.0)
+    dt, gamma, cs = _row_coeffs(DT, TRAP, b, h, t, T, sdb, sdt, sdh)
+    cos, sin, rate, phase = _row_phase(ANG, dt, b, h, t, T, S, sab, sat, sah, phase, BLOCK_N2)
+    qe, qo, qre, qro = _rotated_pairs(Q, QB, b, g, h, t, T, N, sqb, sqt, sqg, cos, sin, BLOCK_N2)
+    ke, ko, kre, kro = _rotated_pairs(K, KB, b, g, h, t, T, N, sqb, sqt, sqg, cos, sin, BLOCK_N2)
+    skip = gamma * tl.sum(qe * ke + qo * ko, axis=1)
     if HAS_D:
         skip += tl.load(Dp + h).to(tl.float32)
     tl.store(SKIP + (b * T + t) * H + h, skip, mask=t < T)
-    n = tl.arange(0, 2 * BLOCK_N2)
     off = ((b * T + t[:, None]) * H + h) * N + n[None, :]
     m = (t[:, None] < T) & (n[None, :] < N)
-    tl.store(QS + off, q, mask=m)
-    tl.store(KS + off, k, mask=m)
+    tl.store(QS + off, _interleave(qre, qro, ROWS, 2 * BLOCK_N2).to(QS.dtype.element_ty), mask=m)
+    tl.store(KS + off, _interleave(kre * cs[:, None], kro * cs[:, None], ROWS, 2 * BLOCK_N2).to(KS.dtype.element_ty),
+             mask=m)
 
 
 @triton.jit
@@ -559,7 +556,8 @@ def _core_group_out_kernel(Q, K, V, dA, SKIP, Z, SIN, ST, DEC, SF, Y, YPRE, T, H
 
 
 GROUP_TARGET_PROGRAMS = 132   # ~1 program per H100 SM; the group pre-pass runs only below this
-PREP_NUM_WARPS = 4
+PREP_ROWS = 16                # tokens per program of the preparation kernels (and of their phase blocks)
+PREP_NUM_WARPS = 4            # H100, 8x2048: 16 rows at 4 warps beat 8 / 32 rows and 8 warps
 GROUP_NUM_STAGES = 2          # pipelining depth in bf16/fp16 (H100: 2 beat 1 and 3; 3 needs 123 KB smem)
 GROUP_NUM_WARPS = 4           # H100: 4 warps beat 8 at every measured shape
 
@@ -651,12 +649,18 @@ def ssd_group_fwd(Q, K, V, dA, skip, z, S0, chunk_size, *, out_dtype, save=False
     return r.result()
 
 
-def prep_qk(q, k, dt, trap, q_bias, k_bias, angles, D, th0, chunk_size, dtype):
-    """Prepared QS, KS [B, T, H, N] in ``dtype`` and the skip coefficient [B, T, H] fp32."""
+def prep_rows(chunk_size: int) -> int:
+    """Tokens per program of the preparation kernels, and so the block size of their phases."""
+    return min(PREP_ROWS, chunk_size)
+
+
+def prep_qk(q, k, dt, trap, q_bias, k_bias, angles, D, th0, rows, dtype):
+    """Prepared QS, KS [B, T, H, N] in ``dtype`` and the skip coefficient [B, T, H] fp32; th0 [B, H,
+    nblk, S] are the phases entering each block of ``rows`` tokens (:func:`chunk_start_phases`)."""
     B, T, G, N = q.shape
     H = dt.shape[2]
     S = angles.shape[-1]
-    nc = th0.shape[2]
+    nblk = th0.shape[2]
     QS = torch.empty(B, T, H, N, device=q.device, dtype=dtype)
     KS = torch.empty_like(QS)
     skip = torch.empty(B, T, H, device=q.device, dtype=torch.float32)
@@ -664,15 +668,17 @@ def prep_qk(q, k, dt, trap, q_bias, k_bias, angles, D, th0, chunk_size, dtype):
     qb, kb = q_bias.float().contiguous(), k_bias.float().contiguous()
     angles_, th0_ = nonempty(angles, dt), nonempty(th0, dt)
     BN2 = max(16, triton.next_power_of_2(N)) // 2
-    _prep_qk_kernel[(nc, B * H)](q, k, qb, kb, dt, trap, angles_, th0_, D if D is not None else skip, QS, KS, skip,
-                                 T, H, G, nc, N, S, *q.stride()[:3], *dt.stride(), *sa,
-                                 HAS_D=D is not None, CHUNK=chunk_size, BLOCK_N2=BN2, num_warps=PREP_NUM_WARPS)
+    _prep_qk_kernel[(nblk, B * H)](q, k, qb, kb, dt, trap, angles_, th0_, D if D is not None else skip, QS, KS, skip,
+                                   T, H, G, nblk, N, S, *q.stride()[:3], *dt.stride(), *sa,
+                                   HAS_D=D is not None, ROWS=rows, BLOCK_N2=BN2,
+                                   num_warps=PREP_NUM_WARPS)
     return QS, KS, skip
 
 
 def mamba3_fused_fwd(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, th0, S0, chunk_size,
                      save_pre=False, dot_dtype=None, groups=None):
-    """Mamba-3 SISO forward on raw inputs (contiguous; dA, dt, trap [B, T, H] with equal strides):
+    """Mamba-3 SISO forward on raw inputs (contiguous; dA, dt, trap [B, T, H] with equal strides;
+    th0 the phases entering each block of ``prep_rows(chunk_size)`` tokens):
     the preparation pre-pass writes QS, KS, then the SSD core runs in chunk groups. (Preparing
     q, k inside the core loop instead was measured 2x slower on the H100: 255 registers and
     ~350 spilled per thread.)
@@ -683,7 +689,7 @@ def mamba3_fused_fwd(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, th0, S
     decays (for the backward) only when ``save_pre``."""
     dd = dot_dtype or v.dtype
     vk = v if v.dtype == dd else v.to(dd)
-    QS, KS, skip = prep_qk(q, k, dt, trap, q_bias, k_bias, angles, D, th0, chunk_size, dd)
+    QS, KS, skip = prep_qk(q, k, dt, trap, q_bias, k_bias, angles, D, th0, prep_rows(chunk_size), dd)
     y, ypre, states, dec, final = ssd_group_fwd(QS, KS, vk, dA, skip, z, S0, chunk_size, out_dtype=v.dtype,
                                                 save=save_pre, groups=groups)
     return y, ((ypre, QS, KS, skip) if save_pre else None), states, dec, final
