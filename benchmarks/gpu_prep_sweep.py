@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import torch
 import triton
@@ -28,6 +29,7 @@ import mamba3.ops.mamba3.triton_siso_fwd as fw  # noqa: E402
 ROWS = (8, 16, 32)
 WARPS = (4, 8)
 COLS = (32, 64, 128)
+PROGRAMS = (1, 2048, 4096, 8192)   # prep_bwd: target programs (1: one program per group's heads)
 def sweep(B, T, res):
     """Time each launch setting alone: the preparation kernels over (rows, warps) (the phase blocks
     follow the rows), the chunk backward over its state-column block."""
@@ -48,6 +50,14 @@ def sweep(B, T, res):
                 xs["q"], xs["k"], xs["q_bias"], xs["k_bias"], xs["dt"], xs["trap"], xs["angles"], th0, rows, dQ, dK,
                 dskip), return_mode="median")
     fw.PREP_NUM_WARPS, bw.PREP_BWD_NUM_WARPS = w0
+    th0, _ = fw.chunk_start_phases(xs["dt"], xs["angles"], None, fw.PREP_ROWS)
+    p0 = bw.PREP_BWD_PROGRAMS
+    for target in PROGRAMS:
+        bw.PREP_BWD_PROGRAMS = target
+        row[f"prep_bwd_programs{target}"] = do_bench(lambda: bw.prep_bwd(
+            xs["q"], xs["k"], xs["q_bias"], xs["k_bias"], xs["dt"], xs["trap"], xs["angles"], th0, fw.PREP_ROWS, dQ,
+            dK, dskip), return_mode="median")
+    bw.PREP_BWD_PROGRAMS = p0
     Q, K = dQ.clone(), dK.clone()
     dy = torch.randn(B, T, gk.H, gk.P, device="cuda", dtype=torch.bfloat16)
     _, states, dec, _ = fw.ssd_core_fwd(Q, K, xs["v"], xs["dA"], None, gk.CHUNK)
@@ -73,8 +83,9 @@ def choose(row):
     fw.PREP_ROWS = rows
     fw.PREP_NUM_WARPS, bw.PREP_BWD_NUM_WARPS = best_w("prep_qk", rows), best_w("prep_bwd", rows)
     bw.BWD_COLS = min(COLS, key=lambda c: row[f"chunk_bwd_cols{c}"])
+    bw.PREP_BWD_PROGRAMS = min(PROGRAMS, key=lambda p: row[f"prep_bwd_programs{p}"])
     return dict(prep_rows=rows, prep_qk_warps=fw.PREP_NUM_WARPS, prep_bwd_warps=bw.PREP_BWD_NUM_WARPS,
-                bwd_cols=bw.BWD_COLS)
+                bwd_cols=bw.BWD_COLS, prep_bwd_programs=bw.PREP_BWD_PROGRAMS)
 
 
 def time_shape(B, T, off, row):
@@ -91,6 +102,11 @@ def time_shape(B, T, off, row):
             grad_to_none=list(leaves.values()), return_mode="median")
     ts.QK_GRADS_16BIT = True
     row["ours_fwdbwd"] = row["ours_fwdbwd_qk16_True"]
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()          # host time to issue one fwd+bwd (GPU idles if it exceeds the GPU time)
+    gk.mamba3_siso_triton(*(leaves[n] for n in gk.NAMES), chunk_size=gk.CHUNK)[0].backward(dy)
+    row["host_issue_fwdbwd_ms"] = (time.perf_counter() - t0) * 1e3
+    torch.cuda.synchronize()
     if off is not None:
         oa = gk.official_args(xs)
         with torch.no_grad():
@@ -107,7 +123,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--official", default=".official")
     ap.add_argument("--out", default="benchmarks/results/gpu_prep_sweep.json")
-    ap.add_argument("--shapes", default="8x2048,1x16384")
+    ap.add_argument("--shapes", default="8x2048,2x8192,1x16384")
     args = ap.parse_args()
     off = gk.import_official(args.official)
     res = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,

@@ -39,7 +39,7 @@ SMEM_BY_ARCH = {86: 99 * 1024, 89: 99 * 1024, 80: 163 * 1024, 90: 227 * 1024}
 # Pointer arguments that carry the activation dtype (bf16 / fp32); all other pointers are fp32.
 _DATA_PTRS = {"Q", "K", "V", "dY", "dV", "Z", "Y", "YPRE", "QS", "KS", "ST_K", "ST_V"}
 _STATE_PTRS = {"ST", "GS"}
-_INT_PARAMS = {"T", "H", "N", "P", "G", "S", "PN", "CPG"}  # sizes; every other capitalised name is a pointer  # chunk states: activation dtype under bf16 (st_dtype), fp32 otherwise
+_INT_PARAMS = {"B", "T", "H", "N", "P", "G", "S", "PN", "CPG"}  # sizes; every other capitalised name is a pointer  # chunk states: activation dtype under bf16 (st_dtype), fp32 otherwise
 
 
 def _next_pow2(x: int) -> int:
@@ -59,7 +59,7 @@ def launch_params(kernel: str, chunk: int, d_state: int, headdim: int, dtype=Non
         BN, BP = _next_pow2(max(N, 2)), _next_pow2(P)
         return dict(BLOCK_N=BN, BLOCK_P=BP, P_BLOCK=BP, SPLIT=1, HAS_D=True, HAS_Z=True), (4 if BN * BP <= 8192 else 8)
     elif kernel == "prep_bwd":  # triton_siso_bwd.PREP_BWD_NUM_WARPS; HG heads per q/k group
-        return dict(ROWS=min(16, C), BLOCK_N2=max(32, _next_pow2(N)) // 2, ANG_PER_HEAD=False, HG=4), 8
+        return dict(ROWS=min(16, C), BLOCK_N2=max(32, _next_pow2(N)) // 2, ANG_PER_HEAD=False, HG=4, HSPLIT=1), 4
     BN = max(16, _next_pow2(N))
     const = dict(CHUNK=C, BLOCK_N=BN, BLOCK_P=BP)
     if kernel in ("group_state", "group_out"):   # triton_siso_fwd.GROUP_NUM_WARPS / GROUP_NUM_STAGES

@@ -108,11 +108,12 @@ def test_initial_state_per_head_angles_groups_and_final_state_grad():
         assert rel(leaves[n].grad, x64[n].grad) < 1e-4, n
 
 
-@pytest.mark.parametrize("G,H,per_head,chunk", [(2, 6, False, 32), (3, 3, True, 16), (1, 3, False, 64)])
+@pytest.mark.parametrize("G,H,per_head,chunk", [(2, 6, False, 32), (3, 3, True, 16), (1, 3, False, 64),
+                                                 (2, 8, False, 32)])
 def test_group_head_sums_and_phase_chain_across_row_steps(G, H, per_head, chunk):
-    """The preparation backward sums q/k gradients over each group's heads (3 heads per group: a
-    masked head block) and carries the phase and its gradient across the row steps of a chunk
-    (chunk 32 / 64 = 2 / 4 steps of 16 rows) and across chunks (T = 83: a partial last chunk)."""
+    """The preparation backward sums q/k gradients over each group's heads (3 per group: one
+    program; 4 per group: split over programs, partial sums added after) and chains the phase
+    gradient across blocks of 16 rows and chunks (T = 83: partial last block and chunk)."""
     xs = make_inputs(B=2, T=83, G=G, H=H, N=16, P=8, S=6, per_head_angles=per_head, seed=11)
     init = make_state(2, H, 8, 16, 6, seed=12)
     check_forward_backward(xs, chunk, initial_state=init)

@@ -147,21 +147,21 @@ def _phase_grads(dtot, ddt_loc, dang_loc, dt32, angles, C):
     of d theta over blocks >= c (t's block).
     Returns (d dt through the phase [B, T, H], d angles (angles' shape), d initial phase [B, H, S])."""
     B, T, H = dt32.shape
-    nc, S = dtot.shape[2], dtot.shape[3]
-    rc = dtot.flip(2).cumsum(2).flip(2)                                  # [B, H, nc, S]
+    S, nc = dtot.shape[2], dtot.shape[3]
+    rc = dtot.flip(-1).cumsum(-1).flip(-1)            # [B, H, S, nc]; scanned innermost (an outer-dim scan is slow)
     th = torch.tanh(angles.float())
     pad = nc * C - T
     per_chunk = lambda x: F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)).view(B, nc, C, *x.shape[2:])
     unchunk = lambda x: x.reshape(B, nc * C, *x.shape[3:])[:, :T]
     if angles.dim() == 3:                                                  # shared by the heads
         rate = per_chunk(torch.pi * th)                                    # [B, nc, C, S]
-        ddt = ddt_loc + unchunk(torch.einsum("bcrs,bhcs->bcrh", rate, rc))
-        dinc_dt = dang_loc.sum(2) + unchunk(torch.einsum("bcrh,bhcs->bcrs", per_chunk(dt32), rc))
+        ddt = ddt_loc + unchunk(torch.einsum("bcrs,bhsc->bcrh", rate, rc))
+        dinc_dt = dang_loc.sum(2) + unchunk(torch.einsum("bcrh,bhsc->bcrs", per_chunk(dt32), rc))
     else:                                                                  # per head [B, T, H, S]
-        rcb = unchunk(rc.permute(0, 2, 1, 3).unsqueeze(2).expand(B, nc, C, H, S))
+        rcb = unchunk(rc.permute(0, 3, 1, 2).unsqueeze(2).expand(B, nc, C, H, S))
         ddt = ddt_loc + (torch.pi * th * rcb).sum(-1)
         dinc_dt = dang_loc + dt32.unsqueeze(-1) * rcb
-    return ddt, dinc_dt * torch.pi * (1 - th * th), rc[:, :, 0]
+    return ddt, dinc_dt * torch.pi * (1 - th * th), rc[..., 0]
 
 
 class Mamba3SisoFn(torch.autograd.Function):

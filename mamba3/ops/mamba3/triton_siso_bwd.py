@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .triton_siso_fwd import (_biased_pairs, _interleave, _load_chunk, _load_ell, _row_coeffs, _row_phase,
-                              _split_pairs, chunk_warps, dot_precision, nonempty, static_loop)
+                              _split_pairs, chunk_warps, dot_precision, nonempty, scan_block, static_loop)
 
 
 @triton.jit
@@ -212,7 +212,7 @@ def ssd_core_bwd(Q, K, V, dA, dY, states, dec, dSF, chunk_size: int, skip=None, 
                                       *dA.stride(), CHUNK=C, BLOCK_N=BN, BLOCK_P=BP, PREC=prec,
                                       num_warps=nw)
     PN = P * N
-    BLOCK = min(512, triton.next_power_of_2(PN))
+    BLOCK = scan_block(PN, B * H)
     dsf = dSF if dSF is not None else dS0
     _dstate_scan_kernel[(triton.cdiv(PN, BLOCK), B * H)](gs, dec, dsf, dS0, nc, PN,
                                                         HAS_DSF=dSF is not None, BLOCK=BLOCK,
@@ -270,25 +270,28 @@ def gate_bwd(dy, z, ypre, v, do_dtype):
 
 @triton.jit
 def _prep_bwd_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, dQ, dK, DSKIP, DQ, DK, DTOT, DDTL, DANGL, DCS, DGAM, DQB,
-                     DKB, T, H, G, nblk, N, S, sqb, sqt, sqg, sdb, sdt, sdh, sab, sat, sah,
-                     ANG_PER_HEAD: tl.constexpr, HG: tl.constexpr, ROWS: tl.constexpr, BLOCK_N2: tl.constexpr):
+                     DKB, B, T, H, G, nblk, N, S, sqb, sqt, sqg, sdb, sdt, sdh, sab, sat, sah,
+                     ANG_PER_HEAD: tl.constexpr, HG: tl.constexpr, HSPLIT: tl.constexpr, ROWS: tl.constexpr,
+                     BLOCK_N2: tl.constexpr):
     """Back through the per-token preparation (bias, rotation, trapezoid scale, skip) of ROWS tokens
-    of one (batch, q/k group), looping over the group's HG heads.
+    of one (batch, q/k group), looping over HG / HSPLIT of the group's HG heads (program split sp).
 
     In: dQ (rotated q) and dK (rotated, scaled k) [B, T, H, N], d(skip) [B, T, H], TH0 [B, H, nblk,
     S] the phases entering each block. Out:
-      DQ, DK [B, T, G, N] (DQ's dtype): the gradients of q, k, summed over the group's heads here;
-      DTOT [B, H, nblk, S]: the block's sum of d theta (d theta_t = the gradient of the phase at t);
+      DQ, DK [HSPLIT, B, T, G, N] (DQ's dtype): the gradients of q, k, summed over the split's heads;
+      DTOT [B, H, S, nblk]: the block's sum of d theta (d theta_t = the gradient of the phase at t);
       with P_t = sum of d theta over the block's tokens before t, the phase at t feeds every later
       phase, so d(increment_t) = (sum of DTOT over blocks >= this one) - P_t. The -P_t parts:
-      DDTL [B, T, H] = -sum_s P_t rate_t (for d dt) and DANGL = -sum_h dt_t P_t ([B, T, G, S]; per
+      DDTL [B, T, H] = -sum_s P_t rate_t (for d dt) and DANGL = -sum_h dt_t P_t ([HSPLIT, B, T, G, S]; per
       head, [B, T, H, S], with per-head angles) for d angles; the block-level part is added outside;
       DCS = d c_t, DGAM = d gamma_t [B, T, H]; DQB, DKB [B, nblk, H, N]: bias-gradient partials.
     """
     blk = tl.program_id(0)
-    bg = tl.program_id(1)
-    b = bg // G
-    g = bg % G
+    bgs = tl.program_id(1)
+    sp = bgs % HSPLIT
+    b = bgs // (G * HSPLIT)
+    g = (bgs // HSPLIT) % G
+    HPS: tl.constexpr = HG // HSPLIT
     i = tl.arange(0, BLOCK_N2)
     n = tl.arange(0, 2 * BLOCK_N2)
     rot = i < S
@@ -300,8 +303,8 @@ def _prep_bwd_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, dQ, dK, DSKIP, DQ, DK, DT
     acc_ke = tl.zeros([ROWS, BLOCK_N2], dtype=tl.float32)
     acc_ko = tl.zeros([ROWS, BLOCK_N2], dtype=tl.float32)
     acc_ang = tl.zeros([ROWS, BLOCK_N2], dtype=tl.float32)
-    for hl in range(HG):
-        h = g * HG + hl
+    for hl in range(HPS):
+        h = g * HG + sp * HPS + hl
         dt, gamma, cs = _row_coeffs(DT, TRAP, b, h, t, T, sdb, sdt, sdh)
         start = tl.load(TH0 + ((b * H + h) * nblk + blk) * S + i, mask=rot, other=0.0)
         cos, sin, rate, _ = _row_phase(ANG, dt, b, h, t, T, S, sab, sat, sah, start, BLOCK_N2)
@@ -324,7 +327,7 @@ def _prep_bwd_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, dQ, dK, DSKIP, DQ, DK, DT
         wo = wo * cs[:, None]
         dth = tl.where(rot[None, :], qe * uo - qo * ue + ke * wo - ko * we, 0.0)
         prior = tl.cumsum(dth, axis=0) - dth                               # P_t: block rows before t
-        tl.store(DTOT + ((b * H + h) * nblk + blk) * S + i, tl.sum(dth, axis=0), mask=rot)
+        tl.store(DTOT + ((b * H + h) * S + i) * nblk + blk, tl.sum(dth, axis=0), mask=rot)
         ht = (b * T + t) * H + h
         tl.store(DDTL + ht, -tl.sum(prior * rate, axis=1), mask=tm)
         if ANG_PER_HEAD:
@@ -349,39 +352,60 @@ def _prep_bwd_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, dQ, dK, DSKIP, DQ, DK, DT
                                                   2 * BLOCK_N2), [2 * BLOCK_N2]), mask=n < N)
         tl.store(DKB + pb, tl.reshape(_interleave(tl.sum(dke_u, axis=0)[None, :], tl.sum(dko_u, axis=0)[None, :], 1,
                                                   2 * BLOCK_N2), [2 * BLOCK_N2]), mask=n < N)
-    go = ((b * T + t[:, None]) * G + g) * N + n[None, :]
+    split = sp.to(tl.int64) * B * T * G
+    go = split * N + ((b * T + t[:, None]) * G + g) * N + n[None, :]
     tl.store(DQ + go, _interleave(acc_qe, acc_qo, ROWS, 2 * BLOCK_N2).to(DQ.dtype.element_ty), mask=m)
     tl.store(DK + go, _interleave(acc_ke, acc_ko, ROWS, 2 * BLOCK_N2).to(DK.dtype.element_ty), mask=m)
     if not ANG_PER_HEAD:
-        tl.store(DANGL + ((b * T + t[:, None]) * G + g) * S + i[None, :], acc_ang, mask=tm[:, None] & rot[None, :])
+        tl.store(DANGL + split * S + ((b * T + t[:, None]) * G + g) * S + i[None, :], acc_ang,
+                 mask=tm[:, None] & rot[None, :])
 
 
-PREP_BWD_NUM_WARPS = 8   # sm_90 offline compile at 16 rows: 143 registers (4 warps: 252)
+PREP_BWD_NUM_WARPS = 4   # H100, 8x2048, 16 rows: 4 warps (252 registers) beat 8
+PREP_BWD_PROGRAMS = 4096  # target programs: the heads of a group are split over programs below this
+
+
+def head_splits(HG: int, programs: int, target: int = None) -> int:
+    """Power-of-two split of a group's HG heads over programs, up to ``target`` programs in all."""
+    target = PREP_BWD_PROGRAMS if target is None else target
+    sp = 1
+    while HG % (2 * sp) == 0 and programs * sp < target:
+        sp *= 2
+    return sp
 
 
 def prep_bwd(q, k, q_bias, k_bias, dt, trap, angles, th0, rows, dQ, dK, dskip):
     """Launch :func:`_prep_bwd_kernel` (raw inputs contiguous as in the forward; th0 [B, H, nblk, S]
-    the phases entering each block of ``rows`` tokens; grid (blocks, B*G)). Returns (dq, dk [B, T,
-    G, N] in q's dtype; dtot [B, H, nblk, S], ddt_local [B, T, H], dang_local ([B, T, G, S] or, with
-    per-head angles, [B, T, H, S]), dc, dgamma [B, T, H], all fp32; the bias gradients dq_bias,
-    dk_bias [H, N] fp32); see the kernel for the phase terms."""
+    the phases entering each block of ``rows`` tokens; grid (blocks, B*G*splits)). Returns (dq, dk
+    [B, T, G, N] in q's dtype; dtot [B, H, S, nblk], ddt_local [B, T, H], dang_local ([B, T, G, S]
+    or, with per-head angles, [B, T, H, S]), dc, dgamma [B, T, H], all fp32; the bias gradients
+    dq_bias, dk_bias [H, N] fp32); see the kernel for the phase terms."""
     B, T, H = dt.shape
     G, N = q.shape[2], q.shape[3]
     S = angles.shape[-1]
     nblk = th0.shape[2]
     per_head = angles.dim() == 4
+    sp = head_splits(H // G, nblk * B * G)
     f32 = dict(device=dt.device, dtype=torch.float32)
-    dq = torch.empty(B, T, G, N, device=q.device, dtype=q.dtype)
-    dk = torch.empty(B, T, G, N, device=q.device, dtype=k.dtype)
-    dtot = torch.empty(B, H, nblk, S, **f32)
+    gdt = (q.dtype, k.dtype) if sp == 1 else (torch.float32, torch.float32)
+    dq = torch.empty(sp, B, T, G, N, device=q.device, dtype=gdt[0])
+    dk = torch.empty(sp, B, T, G, N, device=q.device, dtype=gdt[1])
+    dtot = torch.empty(B, H, S, nblk, **f32)
     ddtl, dcs, dgam = torch.empty(B, T, H, **f32), torch.empty(B, T, H, **f32), torch.empty(B, T, H, **f32)
-    dangl = torch.empty(B, T, H if per_head else G, S, **f32)
+    dangl = torch.empty(B, T, H, S, **f32) if per_head else torch.empty(sp, B, T, G, S, **f32)
     dqb, dkb = torch.empty(B, nblk, H, N, **f32), torch.empty(B, nblk, H, N, **f32)
     sa = (angles.stride(0), angles.stride(1), angles.stride(2) if per_head else 0)
     BN2 = max(32, triton.next_power_of_2(N)) // 2
     angles, th0, dtot_, dangl_ = nonempty(angles, dt), nonempty(th0, dt), nonempty(dtot, dcs), nonempty(dangl, dcs)
-    _prep_bwd_kernel[(nblk, B * G)](q, k, q_bias.float().contiguous(), k_bias.float().contiguous(), dt, trap, angles,
-                                    th0, dQ, dK, dskip, dq, dk, dtot_, ddtl, dangl_, dcs, dgam, dqb, dkb,
-                                    T, H, G, nblk, N, S, *q.stride()[:3], *dt.stride(), *sa, ANG_PER_HEAD=per_head,
-                                    HG=H // G, ROWS=rows, BLOCK_N2=BN2, num_warps=PREP_BWD_NUM_WARPS)
+    _prep_bwd_kernel[(nblk, B * G * sp)](q, k, q_bias.float().contiguous(), k_bias.float().contiguous(), dt, trap,
+                                         angles, th0, dQ, dK, dskip, dq, dk, dtot_, ddtl, dangl_, dcs, dgam, dqb, dkb,
+                                         B, T, H, G, nblk, N, S, *q.stride()[:3], *dt.stride(), *sa,
+                                         ANG_PER_HEAD=per_head, HG=H // G, HSPLIT=sp, ROWS=rows, BLOCK_N2=BN2,
+                                         num_warps=PREP_BWD_NUM_WARPS)
+    if sp > 1:
+        dq, dk = dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype)
+        dangl = dangl if per_head else dangl.sum(0)
+    else:
+        dq, dk = dq[0], dk[0]
+        dangl = dangl if per_head else dangl[0]
     return dq, dk, dtot, ddtl, dangl, dcs, dgam, dqb.sum((0, 1)), dkb.sum((0, 1))

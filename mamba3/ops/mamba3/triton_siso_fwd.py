@@ -185,6 +185,15 @@ def group_warps(prec: str) -> int:
     return 8 if prec == "ieee" else GROUP_NUM_WARPS
 
 
+def scan_block(PN: int, BH: int, target: int = 2048) -> int:
+    """State elements per program of the serial scans over chunks: up to 512, fewer when batch x
+    heads is small, so that about ``target`` programs keep loads in flight along the serial chain."""
+    block = min(512, triton.next_power_of_2(PN))
+    while block > 64 and triton.cdiv(PN, block) * BH < target:
+        block //= 2
+    return block
+
+
 def ssd_core_fwd(Q, K, V, dA, S0, chunk_size: int, state_dtype=None):
     """Run the three forward launches.
 
@@ -377,7 +386,7 @@ def chunk_start_phases(dt, angles, init_angle, chunk_size):
         _phase_sums_kernel[(nc, B * H)](dt, angles, sums, T, H, nc, S, *dt.stride(), *sa, CHUNK=chunk_size,
                                         BLOCK_S=BS, num_warps=4)
     init = init_angle.float().contiguous() if init_angle is not None else final
-    NCB = 16
+    NCB = 64   # blocks per step of the serial scan (1x16384 in blocks of 16 rows: 16 steps)
     _phase_scan_kernel[(B * H,)](sums, init, th0, final, nc, S, HAS_INIT=init_angle is not None, NCB=NCB, BLOCK_S=BS,
                                  NB_STATIC=static_loop(triton.cdiv(nc, NCB)), num_warps=4)
     return th0, final
