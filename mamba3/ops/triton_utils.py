@@ -69,7 +69,7 @@ def launch_params(kernel: str, chunk: int, d_state: int, headdim: int, dtype=Non
         return const, (8 if ieee else 4)
     if kernel == "chunk_bwd":
         const["HAS_SKIP"] = True   # the Mamba-3 backward adds skip dO to dV in this kernel
-        const["NSPLIT"] = max(1, BN // 64)   # triton_siso_bwd.BWD_COLS state columns per step
+        const["NSPLIT"] = max(1, BN // 128)  # triton_siso_bwd.BWD_COLS state columns per step
     return const, (8 if ieee or C * max(BN, BP) > 4096 else 4)
 
 
@@ -114,13 +114,14 @@ def analytic_smem(kernel: str, chunk: int, d_state: int, headdim: int, dtype: to
         "chunk_dstate": C * BP + C * BN,                      # (dy w)^T, q
         "chunk_out": 2 * C * BN + C * C + C * BP + BN * BP,   # q, k, scores, v, state
         "group_out": 2 * C * BN + C * C + C * BP + BN * BP,
-        # N walked in column blocks NB = BN / NSPLIT, twice: q k kw s / q k, dy v (x2), a dsc, g (x2);
-        # exact for fp32 at the defaults (196608 bytes compiled), loose in bf16 (49152 compiled)
-        "chunk_bwd": 4 * C * (BN // const.get("NSPLIT", 1)) + 4 * C * BP + 2 * C * C
-        + 2 * (BN // const.get("NSPLIT", 1)) * BP,
+        # one column block: q k kw, dy v, a dsc, g s (fp32 at the defaults: 229376 bytes); N walked in
+        # NB = BN / NSPLIT column blocks, twice: q k kw s / q k, dy v (x2), a dsc, g (x2)
+        "chunk_bwd": (3 * C * BN + 2 * C * BP + 2 * C * C + 2 * BN * BP) if const.get("NSPLIT", 1) == 1 else
+        (4 * C * (BN // const["NSPLIT"]) + 4 * C * BP + 2 * C * C + 2 * (BN // const["NSPLIT"]) * BP),
     }[kernel]
-    # at small chunks the layout conversion of the fp32 [BLOCK_P, BLOCK_N] result dominates
-    extra = 0
+    # at small chunks the layout conversion of the fp32 [BLOCK_P, BLOCK_N] result dominates; the
+    # one-block bf16 backward also converts a [P, N] operand
+    extra = BP * BN * 2 if kernel == "chunk_bwd" and b == 2 and const.get("NSPLIT", 1) == 1 else 0
     if kernel in ("group_state", "group_out"):   # pipelined loads: one more buffer of the loop's tiles
         extra += (stages - 1) * ((2 if kernel == "group_out" else 1) * C * BN + C * BP) * b
     return max(tiles * b + extra, BP * BN * 4)

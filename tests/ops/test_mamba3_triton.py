@@ -110,10 +110,12 @@ def test_initial_state_per_head_angles_groups_and_final_state_grad():
 
 @pytest.mark.parametrize("G,H,per_head,chunk", [(2, 6, False, 32), (3, 3, True, 16), (1, 3, False, 64),
                                                  (2, 8, False, 32)])
-def test_group_head_sums_and_phase_chain_across_row_steps(G, H, per_head, chunk):
+def test_group_head_sums_and_phase_chain_across_row_steps(monkeypatch, G, H, per_head, chunk):
     """The preparation backward sums q/k gradients over each group's heads (3 per group: one
     program; 4 per group: split over programs, partial sums added after) and chains the phase
     gradient across blocks of 16 rows and chunks (T = 83: partial last block and chunk)."""
+    from mamba3.ops.mamba3 import triton_siso_bwd as bw
+    monkeypatch.setattr(bw, "PREP_BWD_PROGRAMS", 4096)    # split the heads wherever they divide
     xs = make_inputs(B=2, T=83, G=G, H=H, N=16, P=8, S=6, per_head_angles=per_head, seed=11)
     init = make_state(2, H, 8, 16, 6, seed=12)
     check_forward_backward(xs, chunk, initial_state=init)

@@ -42,7 +42,7 @@ def triton_fits(chunk: int, d_state: int, headdim: int, dtype: torch.dtype, back
 
 def _auto_triton_fits(q: Tensor, v: Tensor, chunk_size: int) -> bool:
     """impl='auto' on CUDA: take the Triton path only when it fits the device's shared memory
-    (the fp32 backward at chunk 64 / N 128 / P 64 needs ~192 KB: H100/H200 only)."""
+    (the fp32 backward at chunk 64 / N 128 / P 64 is bounded at ~224 KB: H100/H200 only)."""
     if torch.compiler.is_compiling():
         return True
     try:

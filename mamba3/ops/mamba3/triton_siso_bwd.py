@@ -186,7 +186,7 @@ def _chunk_bwd_kernel(Q, K, V, dA, dY, ST, GS, SKIP, dQ, dK, dV, ddA, T, H, nc, 
     tl.store(ddA + b * sdb + t * sdt + h * sdh, dda, mask=t < T)
 
 
-BWD_COLS = 64   # state columns per step of the chunk backward (N = 128 in 2 steps: no spills on sm_90)
+BWD_COLS = 128  # state columns per step of the chunk backward (H100, N=128: one step 1.15 ms, 64: 1.21, 32: 1.41)
 
 
 def ssd_core_bwd(Q, K, V, dA, dY, states, dec, dSF, chunk_size: int, skip=None, dv_dtype=torch.float32,
@@ -362,7 +362,8 @@ def _prep_bwd_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, dQ, dK, DSKIP, DQ, DK, DT
 
 
 PREP_BWD_NUM_WARPS = 4   # H100, 8x2048, 16 rows: 4 warps (252 registers) beat 8
-PREP_BWD_PROGRAMS = 4096  # target programs: the heads of a group are split over programs below this
+PREP_BWD_PROGRAMS = 1     # target programs for splitting a group's heads (H100, 8x2048: no split 0.62 ms,
+                          # 2048: 0.66, 4096: 0.68, 8192: 0.73)
 
 
 def head_splits(HG: int, programs: int, target: int = None) -> int:
