@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import (Mamba3State, angle_increments, cumulative_angles, expand_groups, rotate_interleaved,
-                     siso_varlen)
+from .common import Mamba3State, expand_groups, rotate_interleaved, siso_varlen
 from .triton_siso_bwd import gate_bwd, prep_bwd, ssd_core_bwd
 from .triton_siso_fwd import INTERPRET, chunk_start_phases, mamba3_fused_fwd, prep_rows, ssd_core_fwd
 
@@ -189,7 +188,6 @@ class Mamba3SisoFn(torch.autograd.Function):
          ypre, Q, K, skip, states, dec) = ctx.saved_tensors
         kd, C = ctx.meta
         B, T, H, P = v.shape
-        G, N = q.shape[2], q.shape[3]
         if dy is None:
             dy = torch.zeros(v.shape, device=v.device, dtype=v.dtype)
         dO, dz, dskip = gate_bwd(dy, z, ypre, v, kd)            # one pass over [B, T, H, P]
