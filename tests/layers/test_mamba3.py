@@ -235,7 +235,7 @@ def test_inference_forward_asks_the_triton_op_to_save_nothing(monkeypatch):
     """Under no_grad the Triton SISO forward is asked for no saved tensors (an autograd.Function
     sees a parameter's requires_grad even under no_grad): the eager layer and the fused custom op.
     While recording autograd it saves. On CPU the kernels run under the Triton interpreter."""
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", reason="the Triton SISO op needs triton installed")
     from mamba3.ops.mamba3 import interface, triton_siso
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dev == "cpu":

@@ -307,7 +307,7 @@ def _prep_bwd_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, dQ, dK, DSKIP, DQ, DK, DT
         h = g * HG + sp * HPS + hl
         dt, gamma, cs = _row_coeffs(DT, TRAP, b, h, t, T, sdb, sdt, sdh)
         start = tl.load(TH0 + ((b * H + h) * nblk + blk) * S + i, mask=rot, other=0.0)
-        cos, sin, rate, _ = _row_phase(ANG, dt, b, h, t, T, S, sab, sat, sah, start, BLOCK_N2)
+        cos, sin, rate = _row_phase(ANG, dt, b, h, t, T, S, sab, sat, sah, start, BLOCK_N2)
         qe, qo = _biased_pairs(Q, QB, b, g, h, t, T, N, sqb, sqt, sqg, BLOCK_N2)
         ke, ko = _biased_pairs(K, KB, b, g, h, t, T, N, sqb, sqt, sqg, BLOCK_N2)
         row = ((b * T + t) * H + h) * N

@@ -273,17 +273,16 @@ def _row_coeffs(DT, TRAP, b, h, t, T, sb, st, sh):
 
 @triton.jit
 def _row_phase(ANG, dt, b, h, t, T, S, sab, sat, sah, start, BLOCK_N2: tl.constexpr):
-    """Rows t of a chunk whose phase entering them is ``start`` [BLOCK_N2]: cos, sin [ROWS, BLOCK_N2]
-    of the cumulative phase (1, 0 for unrotated pairs), the rate pi tanh(angles) [ROWS, BLOCK_N2]
-    and the phase leaving the rows (fp32, within one chunk: the chunk start is reduced mod 2 pi)."""
+    """Rows t of a block whose phase entering them is ``start`` [BLOCK_N2]: cos, sin [ROWS, BLOCK_N2]
+    of the cumulative phase (1, 0 for unrotated pairs) and the rate pi tanh(angles) [ROWS, BLOCK_N2]
+    (fp32 within the block: the block start is reduced mod 2 pi)."""
     i = tl.arange(0, BLOCK_N2)
     rot = i < S
     raw = tl.load(ANG + b * sab + h * sah + t[:, None] * sat + i[None, :],
                   mask=(t[:, None] < T) & rot[None, :], other=0.0).to(tl.float32)
     rate = 3.141592653589793 * _tanh(raw)
-    inc = dt[:, None] * rate
-    cos, sin = _cos_sin(start[None, :] + tl.cumsum(inc, axis=0))
-    return tl.where(rot[None, :], cos, 1.0), tl.where(rot[None, :], sin, 0.0), rate, start + tl.sum(inc, axis=0)
+    cos, sin = _cos_sin(start[None, :] + tl.cumsum(dt[:, None] * rate, axis=0))
+    return tl.where(rot[None, :], cos, 1.0), tl.where(rot[None, :], sin, 0.0), rate
 
 
 @triton.jit
@@ -419,7 +418,7 @@ def _prep_qk_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, Dp, QS, KS, SKIP, T, H, G,
     t = blk * ROWS + tl.arange(0, ROWS)
     phase = tl.load(TH0 + (bh * nblk + blk) * S + i, mask=i < S, other=0.0)
     dt, gamma, cs = _row_coeffs(DT, TRAP, b, h, t, T, sdb, sdt, sdh)
-    cos, sin, rate, phase = _row_phase(ANG, dt, b, h, t, T, S, sab, sat, sah, phase, BLOCK_N2)
+    cos, sin, _ = _row_phase(ANG, dt, b, h, t, T, S, sab, sat, sah, phase, BLOCK_N2)
     qe, qo, qre, qro = _rotated_pairs(Q, QB, b, g, h, t, T, N, sqb, sqt, sqg, cos, sin, BLOCK_N2)
     ke, ko, kre, kro = _rotated_pairs(K, KB, b, g, h, t, T, N, sqb, sqt, sqg, cos, sin, BLOCK_N2)
     skip = gamma * tl.sum(qe * ke + qo * ko, axis=1)
