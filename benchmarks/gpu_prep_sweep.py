@@ -26,10 +26,10 @@ import mamba3.ops.mamba3.triton_siso as ts  # noqa: E402
 import mamba3.ops.mamba3.triton_siso_bwd as bw  # noqa: E402
 import mamba3.ops.mamba3.triton_siso_fwd as fw  # noqa: E402
 
-ROWS = (8, 16, 32)
-WARPS = (4, 8)
-COLS = (32, 64, 128)
-PROGRAMS = (1, 2048, 4096, 8192)   # prep_bwd: target programs (1: one program per group's heads)
+ROWS = (8, 16)
+WARPS = (1, 4)
+COLS = (64, 128)
+PROGRAMS = (1, 4096)   # prep_bwd: target programs (1: one program per group's heads)
 def sweep(B, T, res):
     """Time each launch setting alone: the preparation kernels over (rows, warps) (the phase blocks
     follow the rows), the chunk backward over its state-column block."""

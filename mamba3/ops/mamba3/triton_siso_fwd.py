@@ -316,18 +316,22 @@ def _interleave(e, o, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _phase_sums_kernel(DT, ANG, SUMS, T, H, nc, S, sdb, sdt, sdh, sab, sat, sah,
-                       CHUNK: tl.constexpr, BLOCK_S: tl.constexpr):
-    """SUMS[b, h, c, s] = sum over chunk c of dt_t pi tanh(angles_t[s]) (fp32)."""
-    c = tl.program_id(0)
+                       CHUNK: tl.constexpr, BPP: tl.constexpr, BLOCK_S: tl.constexpr):
+    """SUMS[b, h, c, s] = sum over block c (CHUNK rows) of dt_t pi tanh(angles_t[s]) (fp32), for
+    BPP consecutive blocks per program (one-block programs were launch-bound at 8-row blocks)."""
+    c0 = tl.program_id(0) * BPP
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    t = c * CHUNK + tl.arange(0, CHUNK)
+    t = c0 * CHUNK + tl.arange(0, BPP * CHUNK)
     i = tl.arange(0, BLOCK_S)
     dt = tl.load(DT + b * sdb + t * sdt + h * sdh, mask=t < T, other=0.0).to(tl.float32)
     raw = tl.load(ANG + b * sab + h * sah + t[:, None] * sat + i[None, :], mask=(t[:, None] < T) & (i[None, :] < S),
                   other=0.0).to(tl.float32)
-    tl.store(SUMS + (bh * nc + c) * S + i, tl.sum(dt[:, None] * 3.141592653589793 * _tanh(raw), axis=0), mask=i < S)
+    inc = tl.reshape(dt[:, None] * 3.141592653589793 * _tanh(raw), [BPP, CHUNK, BLOCK_S])
+    c = c0 + tl.arange(0, BPP)
+    tl.store(SUMS + (bh * nc + c[:, None]) * S + i[None, :], tl.sum(inc, axis=1),
+             mask=(c[:, None] < nc) & (i[None, :] < S))
 
 
 @triton.jit
@@ -382,12 +386,13 @@ def chunk_start_phases(dt, angles, init_angle, chunk_size):
     BS = max(16, triton.next_power_of_2(S))
     if T > 0:
         sa = (angles.stride(0), angles.stride(1), 0 if angles.dim() == 3 else angles.stride(2))
-        _phase_sums_kernel[(nc, B * H)](dt, angles, sums, T, H, nc, S, *dt.stride(), *sa, CHUNK=chunk_size,
-                                        BLOCK_S=BS, num_warps=4)
+        bpp = max(1, min(64 // chunk_size, triton.next_power_of_2(nc)))   # ~64 rows per program
+        _phase_sums_kernel[(triton.cdiv(nc, bpp), B * H)](dt, angles, sums, T, H, nc, S, *dt.stride(), *sa,
+                                                          CHUNK=chunk_size, BPP=bpp, BLOCK_S=BS, num_warps=4)
     init = init_angle.float().contiguous() if init_angle is not None else final
-    NCB = 64   # blocks per step of the serial scan (1x16384 in blocks of 16 rows: 16 steps)
+    NCB = min(256, max(16, triton.next_power_of_2(nc)))  # blocks per step of the serial scan (fp64 tiles)
     _phase_scan_kernel[(B * H,)](sums, init, th0, final, nc, S, HAS_INIT=init_angle is not None, NCB=NCB, BLOCK_S=BS,
-                                 NB_STATIC=static_loop(triton.cdiv(nc, NCB)), num_warps=4)
+                                 NB_STATIC=static_loop(triton.cdiv(nc, NCB)), num_warps=4 if NCB <= 64 else 8)
     return th0, final
 
 
@@ -564,8 +569,9 @@ def _core_group_out_kernel(Q, K, V, dA, SKIP, Z, SIN, ST, DEC, SF, Y, YPRE, T, H
 
 
 GROUP_TARGET_PROGRAMS = 132   # ~1 program per H100 SM; the group pre-pass runs only below this
-PREP_ROWS = 16                # tokens per program of the preparation kernels (and of their phase blocks)
-PREP_NUM_WARPS = 4            # H100, 8x2048: 16 rows at 4 warps beat 8 / 32 rows and 8 warps
+PREP_ROWS = 8                 # tokens per program of the preparation kernels (and of their phase blocks)
+PREP_NUM_WARPS = 1            # H100: 8 rows in one warp (no barriers in the row sums and scans) beat 16 rows at 4
+                              # warps in the backward preparation (0.45 vs 0.62 ms at 8x2048), equal here
 GROUP_NUM_STAGES = 2          # pipelining depth in bf16/fp16 (H100: 2 beat 1 and 3; 3 needs 123 KB smem)
 GROUP_NUM_WARPS = 4           # H100: 4 warps beat 8 at every measured shape
 
