@@ -28,7 +28,8 @@ import mamba3.ops.mamba3.triton_siso_fwd as fw  # noqa: E402
 
 ROWS = (8, 16)
 WARPS = (1, 4)
-COLS = (64, 128)
+COLS = ((128, 8), (64, 8), (64, 4), (32, 4))   # chunk backward (state columns per step, warps)
+DEPTHS = (4, 8, 16)   # chunks per serial step of the reverse state-gradient scan
 PROGRAMS = (1, 4096)   # prep_bwd: target programs (1: one program per group's heads)
 def sweep(B, T, res):
     """Time each launch setting alone: the preparation kernels over (rows, warps) (the phase blocks
@@ -61,13 +62,20 @@ def sweep(B, T, res):
     Q, K = dQ.clone(), dK.clone()
     dy = torch.randn(B, T, gk.H, gk.P, device="cuda", dtype=torch.bfloat16)
     _, states, dec, _ = fw.ssd_core_fwd(Q, K, xs["v"], xs["dA"], None, gk.CHUNK)
-    cols0 = bw.BWD_COLS
-    for cols in COLS:
-        bw.BWD_COLS = cols
-        row[f"chunk_bwd_cols{cols}"] = do_bench(lambda: bw.ssd_core_bwd(
+    cols0, nw0 = bw.BWD_COLS, bw.BWD_NUM_WARPS
+    for cols, nw in COLS:
+        bw.BWD_COLS, bw.BWD_NUM_WARPS = cols, nw
+        row[f"chunk_bwd_cols{cols}_w{nw}"] = do_bench(lambda: bw.ssd_core_bwd(
             Q, K, xs["v"], xs["dA"], dy, states, dec, None, gk.CHUNK, skip=dskip, dv_dtype=torch.bfloat16,
             dqk_dtype=torch.bfloat16), return_mode="median")
-    bw.BWD_COLS = cols0
+    bw.BWD_COLS, bw.BWD_NUM_WARPS = cols0, nw0
+    d0 = bw.DSCAN_DEPTH
+    for depth in DEPTHS:
+        bw.DSCAN_DEPTH = depth
+        row[f"core_bwd_depth{depth}"] = do_bench(lambda: bw.ssd_core_bwd(
+            Q, K, xs["v"], xs["dA"], dy, states, dec, None, gk.CHUNK, skip=dskip, dv_dtype=torch.bfloat16,
+            dqk_dtype=torch.bfloat16), return_mode="median")
+    bw.DSCAN_DEPTH = d0
     res["sweep"][f"{B}x{T}"] = row
     print(f"sweep {B}x{T}: " + " ".join(f"{k}={v:.4f}" for k, v in row.items()), flush=True)
     return row
@@ -82,10 +90,11 @@ def choose(row):
     rows = min(total, key=total.get)
     fw.PREP_ROWS = rows
     fw.PREP_NUM_WARPS, bw.PREP_BWD_NUM_WARPS = best_w("prep_qk", rows), best_w("prep_bwd", rows)
-    bw.BWD_COLS = min(COLS, key=lambda c: row[f"chunk_bwd_cols{c}"])
+    bw.BWD_COLS, bw.BWD_NUM_WARPS = min(COLS, key=lambda c: row[f"chunk_bwd_cols{c[0]}_w{c[1]}"])
+    bw.DSCAN_DEPTH = min(DEPTHS, key=lambda d: row[f"core_bwd_depth{d}"])
     bw.PREP_BWD_PROGRAMS = min(PROGRAMS, key=lambda p: row[f"prep_bwd_programs{p}"])
     return dict(prep_rows=rows, prep_qk_warps=fw.PREP_NUM_WARPS, prep_bwd_warps=bw.PREP_BWD_NUM_WARPS,
-                bwd_cols=bw.BWD_COLS, prep_bwd_programs=bw.PREP_BWD_PROGRAMS)
+                bwd_cols=bw.BWD_COLS, bwd_warps=bw.BWD_NUM_WARPS, dscan_depth=bw.DSCAN_DEPTH, prep_bwd_programs=bw.PREP_BWD_PROGRAMS)
 
 
 def time_shape(B, T, off, row):
@@ -102,11 +111,28 @@ def time_shape(B, T, off, row):
             grad_to_none=list(leaves.values()), return_mode="median")
     ts.QK_GRADS_16BIT = True
     row["ours_fwdbwd"] = row["ours_fwdbwd_qk16_True"]
+    def fwdbwd():
+        for x in leaves.values():
+            x.grad = None
+        gk.mamba3_siso_triton(*(leaves[n] for n in gk.NAMES), chunk_size=gk.CHUNK)[0].backward(dy)
     torch.cuda.synchronize()
-    t0 = time.perf_counter()          # host time to issue one fwd+bwd (GPU idles if it exceeds the GPU time)
-    gk.mamba3_siso_triton(*(leaves[n] for n in gk.NAMES), chunk_size=gk.CHUNK)[0].backward(dy)
-    row["host_issue_fwdbwd_ms"] = (time.perf_counter() - t0) * 1e3
+    t0 = time.perf_counter()          # host time to issue a fwd+bwd (the GPU idles if it exceeds the GPU time)
+    for _ in range(10):
+        fwdbwd()
+    row["host_issue_fwdbwd_ms"] = (time.perf_counter() - t0) * 1e2
     torch.cuda.synchronize()
+    try:                              # GPU time alone: the same fwd+bwd replayed from a CUDA graph
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fwdbwd()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fwdbwd()
+        row["ours_fwdbwd_graph"] = do_bench(graph.replay, return_mode="median")
+    except Exception as e:  # noqa: BLE001 - report, keep timing
+        print("graph capture failed:", repr(e)[:200])
     if off is not None:
         oa = gk.official_args(xs)
         with torch.no_grad():

@@ -368,6 +368,9 @@ def _phase_scan_kernel(SUMS, INIT, TH0, FIN, nc, S, HAS_INIT: tl.constexpr, NCB:
     tl.store(FIN + bh * S + i, carry.to(tl.float32), mask=i < S)
 
 
+PHASE_SCAN_TILE = 256   # most blocks per serial step of the phase scan
+
+
 def chunk_start_phases(dt, angles, init_angle, chunk_size):
     """Phase entering each chunk, [B, H, nc, S] fp32 in [0, 2pi), and the final phase [B, H, S].
 
@@ -390,7 +393,7 @@ def chunk_start_phases(dt, angles, init_angle, chunk_size):
         _phase_sums_kernel[(triton.cdiv(nc, bpp), B * H)](dt, angles, sums, T, H, nc, S, *dt.stride(), *sa,
                                                           CHUNK=chunk_size, BPP=bpp, BLOCK_S=BS, num_warps=4)
     init = init_angle.float().contiguous() if init_angle is not None else final
-    NCB = min(256, max(16, triton.next_power_of_2(nc)))  # blocks per step of the serial scan (fp64 tiles)
+    NCB = min(PHASE_SCAN_TILE, max(16, triton.next_power_of_2(nc)))  # blocks per serial step (fp64 tiles)
     _phase_scan_kernel[(B * H,)](sums, init, th0, final, nc, S, HAS_INIT=init_angle is not None, NCB=NCB, BLOCK_S=BS,
                                  NB_STATIC=static_loop(triton.cdiv(nc, NCB)), num_warps=4 if NCB <= 64 else 8)
     return th0, final
