@@ -69,7 +69,10 @@ def launch_params(kernel: str, chunk: int, d_state: int, headdim: int, dtype=Non
         return const, (8 if ieee else 4)
     if kernel == "chunk_bwd":
         const["HAS_SKIP"] = True   # the Mamba-3 backward adds skip dO to dV in this kernel
-        const["NSPLIT"] = max(1, BN // 128)  # triton_siso_bwd.BWD_COLS state columns per step
+        if not ieee:                 # triton_siso_bwd.bwd_layout: BWD_COLS columns per step, BWD_NUM_WARPS
+            const["NSPLIT"] = max(1, BN // 32)
+            return const, 4
+        const["NSPLIT"] = max(1, BN // 128)
     return const, (8 if ieee or C * max(BN, BP) > 4096 else 4)
 
 
@@ -101,7 +104,7 @@ def analytic_smem(kernel: str, chunk: int, d_state: int, headdim: int, dtype: to
     fp32 inputs multiply as fp32 (4-byte operands); bf16 / fp16 as 2-byte. The step and the
     prep kernel have no dots: their shared memory is layout-conversion / reduction scratch
     (one fp32 [CHUNK, BLOCK_N2] tile, or a few [BLOCK_P] vectors)."""
-    const, _ = launch_params(kernel, chunk, d_state, headdim)
+    const, _ = launch_params(kernel, chunk, d_state, headdim, dtype)
     if kernel in ("prep_bwd", "prep_qk"):
         return const["ROWS"] * const["BLOCK_N2"] * 4 * 2
     if kernel == "step":

@@ -114,12 +114,12 @@ def test_group_head_sums_and_phase_chain_across_row_steps(monkeypatch, G, H, per
     """The preparation backward sums q/k gradients over each group's heads (3 per group: one
     program; 4 per group: split over programs, partial sums added after) and chains the phase
     gradient across blocks of 8 rows and chunks (T = 83: partial last block and chunk); the serial
-    phase scan and the reverse state-gradient scan take several (partial) steps."""
+    phase scan takes several (partial) steps; the chunk backward walks the state in column blocks."""
     from mamba3.ops.mamba3 import triton_siso_bwd as bw
     from mamba3.ops.mamba3 import triton_siso_fwd as fw
     monkeypatch.setattr(bw, "PREP_BWD_PROGRAMS", 4096)    # split the heads wherever they divide
     monkeypatch.setattr(fw, "PHASE_SCAN_TILE", 4)         # 11 phase blocks: 3 scan steps
-    monkeypatch.setattr(bw, "DSCAN_DEPTH", 2)             # 3-6 chunks: 2-3 reverse scan steps
+    monkeypatch.setattr(bw, "bwd_layout", lambda dtype, bn, nw: (max(1, bn // 8), 4))  # N=16: 2 column blocks
     xs = make_inputs(B=2, T=83, G=G, H=H, N=16, P=8, S=6, per_head_angles=per_head, seed=11)
     init = make_state(2, H, 8, 16, 6, seed=12)
     check_forward_backward(xs, chunk, initial_state=init)

@@ -3,9 +3,8 @@
 Given dY [B, T, H, P] and the gradient of the final state, mirrors the forward's three launches:
     1. _chunk_dstate_kernel grid (chunks, B*H): dS_c^out = sum_t exp(ell_t) dY_t Q_t^T, the
        gradient that chunk c's outputs send to the state entering it
-    2. _dstate_scan_kernel  grid (P*N blocks, B*H): reverse pass, DSCAN_DEPTH chunks per serial
-       step; writes G_c, the gradient w.r.t. the state leaving chunk c, and the gradient of the
-       initial state in fp32
+    2. _dstate_scan_kernel  grid (P*N blocks, B*H): reverse pass; overwrites slot c with G_c, the
+       gradient w.r.t. the state leaving chunk c; the gradient of the initial state in fp32
     3. _chunk_bwd_kernel    grid (chunks, B*H): dQ, dK, dV and d(dA) of every chunk from the
        saved entering states S_c and G_c (intra-chunk, inter-chunk and state-building terms)
 """
@@ -40,34 +39,33 @@ def _chunk_dstate_kernel(Q, dY, dA, GS, T, H, nc, N, P,
 
 
 @triton.jit
-def _affine_then(a1, b1, a2, b2):
-    """Compose x -> a1 x + b1, then x -> a2 x + b2."""
-    return a1 * a2, a2 * b1 + b2
+def _dscan_step(GS, DEC, carry, bh, c, nc, PN, offs, mask):
+    """Chunks c, c-1, c-2, c-3 (those >= 0): all loads first (see the forward's _scan_step)."""
+    base = GS + bh * nc * PN + offs
+    cv = offs * 0 + c  # vector chunk index: `vector mask & scalar bool` is rejected by newer interpreters
+    m0, m1, m2, m3 = mask & (cv >= 0), mask & (cv >= 1), mask & (cv >= 2), mask & (cv >= 3)
+    l0 = tl.load(base + c * PN, mask=m0, other=0.0).to(tl.float32)
+    l1 = tl.load(base + (c - 1) * PN, mask=m1, other=0.0).to(tl.float32)
+    l2 = tl.load(base + (c - 2) * PN, mask=m2, other=0.0).to(tl.float32)
+    l3 = tl.load(base + (c - 3) * PN, mask=m3, other=0.0).to(tl.float32)
+    d0 = tl.exp(tl.load(DEC + bh * nc + c, mask=c >= 0, other=0.0))
+    d1 = tl.exp(tl.load(DEC + bh * nc + c - 1, mask=c >= 1, other=0.0))
+    d2 = tl.exp(tl.load(DEC + bh * nc + c - 2, mask=c >= 2, other=0.0))
+    d3 = tl.exp(tl.load(DEC + bh * nc + c - 3, mask=c >= 3, other=0.0))
+    dt_ = GS.dtype.element_ty
+    tl.store(base + c * PN, carry.to(dt_), mask=m0)
+    carry = l0 + d0 * carry
+    tl.store(base + (c - 1) * PN, carry.to(dt_), mask=m1)
+    carry = l1 + d1 * carry
+    tl.store(base + (c - 2) * PN, carry.to(dt_), mask=m2)
+    carry = l2 + d2 * carry
+    tl.store(base + (c - 3) * PN, carry.to(dt_), mask=m3)
+    return l3 + d3 * carry
 
 
 @triton.jit
-def _dscan_step(GS, GO, DEC, carry, bh, c, nc, PN, offs, mask, DEPTH: tl.constexpr):
-    """Chunks c, c-1, ..., c-DEPTH+1 (those >= 0) in one [DEPTH, BLOCK] load of the local gradients
-    l_j (GS); GO[c-j] gets the carry entering chunk c-j, carry_{j+1} = l_j + exp(dec_j) carry_j (a
-    scan of affine maps along the tile rows: DEPTH loads in flight per serial step). GO is a
-    separate buffer: written in place, a thread's store could overtake another thread's load."""
-    j = tl.arange(0, DEPTH)
-    cj = c - j
-    off = bh * nc * PN + cj[:, None] * PN + offs[None, :]
-    m = mask[None, :] & (cj[:, None] >= 0)
-    loc = tl.load(GS + off, mask=m, other=0.0).to(tl.float32)
-    dec = tl.exp(tl.load(DEC + bh * nc + cj, mask=cj >= 0, other=0.0))
-    a, b = tl.associative_scan((tl.broadcast_to(dec[:, None], loc.shape), loc), 0, _affine_then)
-    after = a * carry[None, :] + b                       # carry leaving row j (entering slot c-j-1)
-    dt_ = GO.dtype.element_ty
-    tl.store(GO + bh * nc * PN + c * PN + offs, carry.to(dt_), mask=mask & (c >= 0))
-    tl.store(GO + off - PN, after.to(dt_), mask=m & (cj[:, None] >= 1) & (j[:, None] < DEPTH - 1))
-    return tl.sum(tl.where(j[:, None] == DEPTH - 1, after, 0.0), axis=0)
-
-
-@triton.jit
-def _dstate_scan_kernel(GS, GO, DEC, dSF, dS0, nc, PN, HAS_DSF: tl.constexpr, BLOCK: tl.constexpr,
-                        DEPTH: tl.constexpr, NC_STATIC: tl.constexpr):
+def _dstate_scan_kernel(GS, DEC, dSF, dS0, nc, PN, HAS_DSF: tl.constexpr, BLOCK: tl.constexpr,
+                        NC_STATIC: tl.constexpr):
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
@@ -77,11 +75,11 @@ def _dstate_scan_kernel(GS, GO, DEC, dSF, dS0, nc, PN, HAS_DSF: tl.constexpr, BL
     else:
         carry = tl.zeros([BLOCK], dtype=tl.float32)
     if NC_STATIC > 0:
-        for i in range((NC_STATIC + DEPTH - 1) // DEPTH):
-            carry = _dscan_step(GS, GO, DEC, carry, bh, NC_STATIC - 1 - DEPTH * i, nc, PN, offs, mask, DEPTH)
+        for i in range((NC_STATIC + 3) // 4):
+            carry = _dscan_step(GS, DEC, carry, bh, NC_STATIC - 1 - 4 * i, nc, PN, offs, mask)
     else:
-        for i in range(0, tl.cdiv(nc, DEPTH)):
-            carry = _dscan_step(GS, GO, DEC, carry, bh, nc - 1 - DEPTH * i, nc, PN, offs, mask, DEPTH)
+        for i in range(0, tl.cdiv(nc, 4)):
+            carry = _dscan_step(GS, DEC, carry, bh, nc - 1 - 4 * i, nc, PN, offs, mask)
     tl.store(dS0 + bh * PN + offs, carry, mask=mask)
 
 
@@ -188,9 +186,18 @@ def _chunk_bwd_kernel(Q, K, V, dA, dY, ST, GS, SKIP, dQ, dK, dV, ddA, T, H, nc, 
     tl.store(ddA + b * sdb + t * sdt + h * sdh, dda, mask=t < T)
 
 
-BWD_COLS = 128  # state columns per step of the chunk backward (H100, N=128: one step 1.15 ms, 64: 1.21, 32: 1.41)
-DSCAN_DEPTH = 8       # chunks per serial step of the reverse state-gradient scan (loads in flight)
-BWD_NUM_WARPS = None  # chunk backward warps (None: chunk_warps); 4 warps at 64 columns fit two programs per SM
+BWD_COLS = 32       # state columns per step of the chunk backward; with BWD_NUM_WARPS = 4 two programs fit
+BWD_NUM_WARPS = 4   # an SM (255 registers): H100, 8x2048, whole core backward 0.89 ms vs 1.13 at 128 columns
+                    # and 8 warps (one program per SM), 1.06 at 64 columns / 4 warps. None: chunk_warps
+
+
+def bwd_layout(dtype: torch.dtype, block_n: int, default_warps: int) -> tuple[int, int]:
+    """(state-column blocks, warps) of the chunk backward: BWD_COLS / BWD_NUM_WARPS for 16-bit
+    operands; fp32 operands keep one block of up to 128 columns at ``chunk_warps`` (at 4 warps
+    full-precision dots spilled badly, see BENCHMARKS.md)."""
+    if dtype == torch.float32:
+        return max(1, block_n // 128), default_warps
+    return max(1, block_n // max(16, BWD_COLS)), (BWD_NUM_WARPS or default_warps)
 
 
 def ssd_core_bwd(Q, K, V, dA, dY, states, dec, dSF, chunk_size: int, skip=None, dv_dtype=torch.float32,
@@ -203,8 +210,7 @@ def ssd_core_bwd(Q, K, V, dA, dY, states, dec, dSF, chunk_size: int, skip=None, 
     P = V.shape[-1]
     C = chunk_size
     nc = states.shape[2]
-    gs = torch.empty_like(states)    # local state gradients per chunk
-    go = torch.empty_like(states)    # gradients of the states leaving each chunk (the scan's output)
+    gs = torch.empty_like(states)
     dS0 = torch.empty(B, H, P, N, device=Q.device, dtype=torch.float32)
     dQ = torch.empty(Q.shape, device=Q.device, dtype=dqk_dtype)
     dK = torch.empty(K.shape, device=Q.device, dtype=dqk_dtype)
@@ -219,15 +225,15 @@ def ssd_core_bwd(Q, K, V, dA, dY, states, dec, dSF, chunk_size: int, skip=None, 
     PN = P * N
     BLOCK = scan_block(PN, B * H)
     dsf = dSF if dSF is not None else dS0
-    _dstate_scan_kernel[(triton.cdiv(PN, BLOCK), B * H)](gs, go, dec, dsf, dS0, nc, PN,
-                                                            HAS_DSF=dSF is not None, BLOCK=BLOCK,
-                                                            DEPTH=DSCAN_DEPTH, NC_STATIC=static_loop(nc), num_warps=4)
+    _dstate_scan_kernel[(triton.cdiv(PN, BLOCK), B * H)](gs, dec, dsf, dS0, nc, PN,
+                                                        HAS_DSF=dSF is not None, BLOCK=BLOCK,
+                                                        NC_STATIC=static_loop(nc), num_warps=4)
+    nsplit, bwd_nw = bwd_layout(Q.dtype, BN, nw)
     # dQ/dK/dV/ddA are fresh contiguous tensors with Q/K/V/dA's shapes, so the same strides apply
-    _chunk_bwd_kernel[(nc, B * H)](Q, K, V, dA, dY, states, go, ddA if skip is None else skip, dQ, dK, dV, ddA,
+    _chunk_bwd_kernel[(nc, B * H)](Q, K, V, dA, dY, states, gs, ddA if skip is None else skip, dQ, dK, dV, ddA,
                                    T, H, nc, N, P, *Q.stride()[:3], *K.stride()[:3], *V.stride()[:3],
                                    *dA.stride(), *dY.stride()[:3], HAS_SKIP=skip is not None, CHUNK=C,
-                                   BLOCK_N=BN, BLOCK_P=BP, PREC=prec, NSPLIT=max(1, BN // max(16, BWD_COLS)),
-                                   num_warps=BWD_NUM_WARPS or nw)
+                                   BLOCK_N=BN, BLOCK_P=BP, PREC=prec, NSPLIT=nsplit, num_warps=bwd_nw)
     return dQ, dK, dV, ddA, dS0
 
 
