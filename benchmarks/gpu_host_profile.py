@@ -24,10 +24,18 @@ import benchmarks.gpu_kernels as gk  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="8x2048")
+    ap.add_argument("--shapes", default="8x2048")
     ap.add_argument("--out", default="host_profile.json")
     a = ap.parse_args()
-    B, T = (int(v) for v in a.shape.split("x"))
+    out = {}
+    for shape in a.shapes.split(","):
+        B, T = (int(v) for v in shape.split("x"))
+        out[shape] = one_shape(B, T)
+        with open(a.out, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+def one_shape(B, T):
     xs = gk.inputs(B, T, seed=1)
     leaves = {n: x.clone().requires_grad_(True) for n, x in xs.items()}
     dy = torch.randn(B, T, gk.H, gk.P, device="cuda", dtype=torch.bfloat16)
@@ -63,18 +71,18 @@ def main():
         res[f"host_{name}_ms"] = host
         res[f"wall_{name}_ms"] = do_bench(fn, return_mode="median")
         print(name, "host per call", host, "do_bench", res[f"wall_{name}_ms"], flush=True)
-    pr = cProfile.Profile()
-    torch.cuda.synchronize()
-    pr.enable()
-    for _ in range(10):
-        step()
-    pr.disable()
-    torch.cuda.synchronize()
-    for key in ("tottime", "cumulative"):
+    for name, fn in (("fwdbwd", step), ("fwd", fwd)):
+        pr = cProfile.Profile()
+        torch.cuda.synchronize()
+        pr.enable()
+        for _ in range(10):
+            fn()
+        pr.disable()
+        torch.cuda.synchronize()
         s = io.StringIO()
-        pstats.Stats(pr, stream=s).sort_stats(key).print_stats(45)
-        res[f"cprofile_{key}"] = s.getvalue()
-        print(s.getvalue(), flush=True)
+        pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(25)
+        res[f"cprofile_{name}"] = s.getvalue()
+        print(s.getvalue()[:3500], flush=True)
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
@@ -82,7 +90,7 @@ def main():
         torch.cuda.synchronize()
     tab = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=45)
     res["torch_profile_cpu"] = tab
-    print(tab, flush=True)
+    print(tab[:6000], flush=True)
     # GPU-only time: fwd+bwd captured in a CUDA graph
     try:
         s = torch.cuda.Stream()
@@ -101,8 +109,7 @@ def main():
     except Exception as e:
         res["graph_error"] = repr(e)[:500]
         print("graph failed", repr(e)[:500], flush=True)
-    with open(a.out, "w") as f:
-        json.dump(res, f, indent=1)
+    return res
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .common import Mamba3State, expand_groups, rotate_interleaved, siso_varlen
-from .triton_siso_bwd import gate_bwd, prep_bwd, ssd_core_bwd
+from .triton_siso_bwd import dt_trap_bwd, gate_bwd, prep_bwd, ssd_core_bwd
 from .triton_siso_fwd import INTERPRET, chunk_start_phases, mamba3_fused_fwd, prep_rows, ssd_core_fwd
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -173,13 +173,14 @@ class Mamba3SisoFn(torch.autograd.Function):
         kd = torch.float32 if INTERPRET else v.dtype
         cont = lambda t: None if t is None else t.contiguous()
         q, k, v, dA, dt, trap, angles, z = map(cont, (q, k, v, dA, dt, trap, angles, z))
-        S0 = _entering_state(s0, k0, v0, torch.sigmoid(trap[:, 0].float()), dt[:, 0].float())
+        S0 = None if s0 is None else _entering_state(s0, k0, v0, torch.sigmoid(trap[:, 0].float()), dt[:, 0].float())
         y, saved, states, dec, final = mamba3_fused_fwd(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, th0,
                                                         S0, chunk_size, save_pre=train, dot_dtype=kd)
         if train:
             ctx.save_for_backward(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, a0, s0, k0, v0, th0,
                                   *saved, states, dec)
         ctx.meta = (kd, chunk_size)
+        ctx.set_materialize_grads(False)   # an unused final state sends None, not a zero [B, H, P, N]
         return y, final
 
     @staticmethod
@@ -199,18 +200,14 @@ class Mamba3SisoFn(torch.autograd.Function):
         rows = prep_rows(C)
         dq, dk, dtot, ddt_loc, dang_loc, dcs, dgamma, dqb, dkb = prep_bwd(q, k, q_bias, k_bias, dt, trap, angles,
                                                                          th0, rows, dQ, dK, dskip)
-        lam = torch.sigmoid(trap.float())
         dt32 = dt.float()
         ddt_phase, dang, dtheta0 = _phase_grads(dtot, ddt_loc, dang_loc, dt32, angles, rows)
-        # c_t = gamma_t + u_{t+1}, u_t = (1 - lam_t) dt_t;  S0 = s0 + u_0 v0 k0^T
-        du = F.pad(dcs[:, :-1], (0, 0, 1, 0))
-        if s0 is not None:
-            du[:, 0] = du[:, 0] + torch.einsum("bhpn,bhp,bhn->bh", dS0, v0.float(), k0.float())
-        ddt = dgamma * lam + du * (1.0 - lam) + ddt_phase
-        dtrap = (dgamma * dt32 - du * dt32) * lam * (1.0 - lam)
+        # c_t = gamma_t + u_{t+1}, u_t = (1 - lam_t) dt_t;  S0 = s0 + u_0 v0 k0^T (d u_0 from dS0)
+        du0 = None if s0 is None else torch.einsum("bhpn,bhp,bhn->bh", dS0, v0.float(), k0.float())
+        ddt, dtrap = dt_trap_bwd(dgamma, dcs, ddt_phase.contiguous(), trap, dt, du0)
         da0 = ds0 = dk0 = dv0 = None
         if s0 is not None:
-            u0 = ((1.0 - lam[:, 0]) * dt32[:, 0])[..., None]
+            u0 = ((1.0 - torch.sigmoid(trap[:, 0].float())) * dt32[:, 0])[..., None]
             ds0 = dS0
             dv0 = u0 * torch.einsum("bhpn,bhn->bhp", dS0, k0.float())
             dk0 = u0 * torch.einsum("bhpn,bhp->bhn", dS0, v0.float())

@@ -280,6 +280,41 @@ def gate_bwd(dy, z, ypre, v, do_dtype):
 
 
 @triton.jit
+def _dt_trap_bwd_kernel(DGAM, DCS, DDTP, TRAP, DT, DU0, DDT, DTRAP, M, TH, H,
+                        HAS_DU0: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows m = (b T + t) H + h of [B, T, H] (all contiguous): with lam = sigmoid(trap), gamma_t =
+    lam_t dt_t and c_t = gamma_t + u_{t+1}, u_t = (1 - lam_t) dt_t, the gradients d gamma and d c
+    give du_t = d c_{t-1} (DU0[b, h] at t = 0: the initial state's term, or 0), then
+    d dt = d gamma lam + du (1 - lam) + DDTP (the phase part) and d trap = (d gamma - du) dt lam (1 - lam)."""
+    m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = m < M
+    first = (m % TH) < H                                   # t == 0
+    lam = tl.sigmoid(tl.load(TRAP + m, mask=ok, other=0.0).to(tl.float32))
+    dt = tl.load(DT + m, mask=ok, other=0.0).to(tl.float32)
+    dgam = tl.load(DGAM + m, mask=ok, other=0.0)
+    du = tl.load(DCS + m - H, mask=ok & ~first, other=0.0)
+    if HAS_DU0:
+        du += tl.load(DU0 + (m // TH) * H + m % H, mask=ok & first, other=0.0)
+    ddt = dgam * lam + du * (1.0 - lam) + tl.load(DDTP + m, mask=ok, other=0.0)
+    tl.store(DDT + m, ddt.to(DDT.dtype.element_ty), mask=ok)
+    tl.store(DTRAP + m, ((dgam - du) * dt * lam * (1.0 - lam)).to(DTRAP.dtype.element_ty), mask=ok)
+
+
+def dt_trap_bwd(dgamma, dcs, ddt_phase, trap, dt, du0=None):
+    """Launch :func:`_dt_trap_bwd_kernel` on contiguous [B, T, H] tensors (dgamma, dcs, ddt_phase
+    fp32; du0 [B, H] fp32 or None). Returns (d dt in dt's dtype, d trap in trap's dtype)."""
+    B, T, H = dt.shape
+    M = B * T * H
+    ddt, dtrap = torch.empty_like(dt), torch.empty_like(trap)
+    if M:
+        BLOCK = 1024
+        _dt_trap_bwd_kernel[(triton.cdiv(M, BLOCK),)](dgamma, dcs, ddt_phase, trap, dt,
+                                                     du0 if du0 is not None else dgamma, ddt, dtrap, M, T * H, H,
+                                                     HAS_DU0=du0 is not None, BLOCK=BLOCK, num_warps=4)
+    return ddt, dtrap
+
+
+@triton.jit
 def _prep_bwd_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, dQ, dK, DSKIP, DQ, DK, DTOT, DDTL, DANGL, DCS, DGAM, DQB,
                      DKB, B, T, H, G, nblk, N, S, sqb, sqt, sqg, sdb, sdt, sdh, sab, sat, sah,
                      ANG_PER_HEAD: tl.constexpr, HG: tl.constexpr, HSPLIT: tl.constexpr, ROWS: tl.constexpr,
