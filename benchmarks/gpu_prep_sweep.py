@@ -29,7 +29,6 @@ import mamba3.ops.mamba3.triton_siso_fwd as fw  # noqa: E402
 ROWS = (8, 16)
 WARPS = (1, 4)
 COLS = ((128, 8), (64, 8), (64, 4), (32, 4))   # chunk backward (state columns per step, warps)
-DEPTHS = (4, 8, 16)   # chunks per serial step of the reverse state-gradient scan
 PROGRAMS = (1, 4096)   # prep_bwd: target programs (1: one program per group's heads)
 def sweep(B, T, res):
     """Time each launch setting alone: the preparation kernels over (rows, warps) (the phase blocks
@@ -69,13 +68,6 @@ def sweep(B, T, res):
             Q, K, xs["v"], xs["dA"], dy, states, dec, None, gk.CHUNK, skip=dskip, dv_dtype=torch.bfloat16,
             dqk_dtype=torch.bfloat16), return_mode="median")
     bw.BWD_COLS, bw.BWD_NUM_WARPS = cols0, nw0
-    d0 = bw.DSCAN_DEPTH
-    for depth in DEPTHS:
-        bw.DSCAN_DEPTH = depth
-        row[f"core_bwd_depth{depth}"] = do_bench(lambda: bw.ssd_core_bwd(
-            Q, K, xs["v"], xs["dA"], dy, states, dec, None, gk.CHUNK, skip=dskip, dv_dtype=torch.bfloat16,
-            dqk_dtype=torch.bfloat16), return_mode="median")
-    bw.DSCAN_DEPTH = d0
     res["sweep"][f"{B}x{T}"] = row
     print(f"sweep {B}x{T}: " + " ".join(f"{k}={v:.4f}" for k, v in row.items()), flush=True)
     return row
@@ -91,10 +83,9 @@ def choose(row):
     fw.PREP_ROWS = rows
     fw.PREP_NUM_WARPS, bw.PREP_BWD_NUM_WARPS = best_w("prep_qk", rows), best_w("prep_bwd", rows)
     bw.BWD_COLS, bw.BWD_NUM_WARPS = min(COLS, key=lambda c: row[f"chunk_bwd_cols{c[0]}_w{c[1]}"])
-    bw.DSCAN_DEPTH = min(DEPTHS, key=lambda d: row[f"core_bwd_depth{d}"])
     bw.PREP_BWD_PROGRAMS = min(PROGRAMS, key=lambda p: row[f"prep_bwd_programs{p}"])
     return dict(prep_rows=rows, prep_qk_warps=fw.PREP_NUM_WARPS, prep_bwd_warps=bw.PREP_BWD_NUM_WARPS,
-                bwd_cols=bw.BWD_COLS, bwd_warps=bw.BWD_NUM_WARPS, dscan_depth=bw.DSCAN_DEPTH, prep_bwd_programs=bw.PREP_BWD_PROGRAMS)
+                bwd_cols=bw.BWD_COLS, bwd_warps=bw.BWD_NUM_WARPS, prep_bwd_programs=bw.PREP_BWD_PROGRAMS)
 
 
 def time_shape(B, T, off, row):
