@@ -126,3 +126,20 @@ def test_triton_version_recorded():
     installed major version changes, so the shared-memory numbers get re-measured."""
     major = int(triton.__version__.split(".")[0])
     assert major == 3, f"shared-memory numbers were measured with triton 3.x, found {triton.__version__}"
+
+
+@pytest.mark.parametrize("dtype", [BF16, F32])
+def test_launch_params_mirror_the_launchers(dtype):
+    """The smem accounting compiles what the launchers launch: rows / warps of the preparation
+    kernels and the chunk backward's column blocks / warps (bwd_layout) agree with the modules."""
+    from mamba3.ops.mamba3 import triton_siso_bwd as bw
+    from mamba3.ops.mamba3 import triton_siso_fwd as fw
+    C, N, P = DEFAULT["chunk"], DEFAULT["d_state"], DEFAULT["headdim"]
+    const, nw = tu.launch_params("prep_qk", C, N, P, dtype)
+    assert (const["ROWS"], nw) == (fw.prep_rows(C), fw.PREP_NUM_WARPS)
+    const, nw = tu.launch_params("prep_bwd", C, N, P, dtype)
+    assert (const["ROWS"], nw) == (fw.prep_rows(C), bw.PREP_BWD_NUM_WARPS)
+    const, nw = tu.launch_params("chunk_bwd", C, N, P, dtype)
+    prec = "ieee" if dtype == F32 else "tf32"
+    assert (const["NSPLIT"], nw) == bw.bwd_layout(dtype, const["BLOCK_N"],
+                                                  fw.chunk_warps(C, const["BLOCK_N"], const["BLOCK_P"], prec))
