@@ -2,6 +2,7 @@
 the official kernels and a per-kernel profile.
 
     python benchmarks/gpu_prep_sweep.py --official .official --out $OUT/gpu_prep_sweep.json
+    python benchmarks/gpu_prep_sweep.py --no-sweep ...     # the current settings: check and time only
 
 Swept alone on config A at the first shape: the preparation kernels (prep_qk, prep_bwd) over rows
 per program (= the phase block) and warps, the chunk backward over its state-column block. The
@@ -84,7 +85,12 @@ def choose(row):
     fw.PREP_NUM_WARPS, bw.PREP_BWD_NUM_WARPS = best_w("prep_qk", rows), best_w("prep_bwd", rows)
     bw.BWD_COLS, bw.BWD_NUM_WARPS = min(COLS, key=lambda c: row[f"chunk_bwd_cols{c[0]}_w{c[1]}"])
     bw.PREP_BWD_PROGRAMS = min(PROGRAMS, key=lambda p: row[f"prep_bwd_programs{p}"])
-    return dict(prep_rows=rows, prep_qk_warps=fw.PREP_NUM_WARPS, prep_bwd_warps=bw.PREP_BWD_NUM_WARPS,
+    return settings()
+
+
+def settings():
+    """The launch settings the kernels run with now."""
+    return dict(prep_rows=fw.PREP_ROWS, prep_qk_warps=fw.PREP_NUM_WARPS, prep_bwd_warps=bw.PREP_BWD_NUM_WARPS,
                 bwd_cols=bw.BWD_COLS, bwd_warps=bw.BWD_NUM_WARPS, prep_bwd_programs=bw.PREP_BWD_PROGRAMS)
 
 
@@ -141,12 +147,13 @@ def main():
     ap.add_argument("--official", default=".official")
     ap.add_argument("--out", default="benchmarks/results/gpu_prep_sweep.json")
     ap.add_argument("--shapes", default="8x2048,2x8192,1x16384")
+    ap.add_argument("--no-sweep", action="store_true", help="keep the modules' launch settings; check and time only")
     args = ap.parse_args()
     off = gk.import_official(args.official)
     res = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                sweep={}, check={}, prefill={}, chosen={})
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    res["chosen"] = choose(sweep(*shapes[0], res))
+    res["chosen"] = settings() if args.no_sweep else choose(sweep(*shapes[0], res))
     print("chosen", res["chosen"], flush=True)
     for B, T in shapes:
         if gk.check_prefill(B, T, off, res):

@@ -135,6 +135,27 @@ def test_group_head_sums_and_phase_chain_across_row_steps(monkeypatch, G, H, per
     assert rel(a0.grad, a64.grad) < 1e-4
 
 
+@pytest.mark.parametrize("per_head", [False, True])
+def test_phase_scan_split_over_pairs_and_many_token_programs(monkeypatch, per_head):
+    """Few batch x heads: the phase scan splits its S = 20 pairs over programs of 16 (the second
+    partial); the backward's phase / dt pass takes 4 blocks of 8 rows per program (T = 83: a
+    partial last program); with an initial state, so d(initial phase) and du_0 are exercised."""
+    from mamba3.ops.mamba3 import triton_siso_bwd as bw
+    monkeypatch.setattr(bw, "PHASE_DT_TOKENS", 32)
+    xs = make_inputs(B=1, T=83, G=1, H=2, N=48, P=8, S=20, per_head_angles=per_head, seed=21)
+    init = make_state(1, 2, 8, 48, 20, seed=22)
+    a0 = init.angle.clone().requires_grad_(True)
+    a64 = init.angle.double().cpu().requires_grad_(True)
+    check_forward_backward(xs, 32, initial_state=init._replace(angle=a0))
+    y64, _ = mamba3_siso_reference(*(t.double().cpu() for t in xs.values()),
+                                   initial_state=Mamba3State(a64, *(t.double().cpu() for t in init[1:])))
+    y64.sum().backward()
+    y, _ = mamba3_siso_triton(*xs.values(), initial_state=init._replace(angle=a0), chunk_size=32)
+    a0.grad = None
+    y.sum().backward()
+    assert rel(a0.grad, a64.grad) < 1e-4
+
+
 @pytest.mark.parametrize("target", [1, 4, 10**6])
 def test_chunk_group_layouts_match_reference(monkeypatch, target):
     """One group (state carried through every chunk), a few groups (pre-pass + group scan, a

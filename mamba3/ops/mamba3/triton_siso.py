@@ -10,7 +10,8 @@ Single-SSD fold of chunked.py (SPEC section 2), chunk-parallel:
              the SSD-core backward (three launches mirroring the forward), a kernel back through
              bias/rotation/scale per (block, batch*group) that sums the q/k gradients over the
              group's heads (also d gamma, d c, the block-local phase terms and bias partial sums),
-             and small [B, T, H] / [B, H, blocks, S] PyTorch algebra (dt, trap, angles, states).
+             one cumsum over the blocks' phase-gradient sums, and a pass over [B, T, H] finishing
+             d dt, d trap and d angles (phase_dt_bwd).
 Inputs fp32, bf16 or fp16: matmul operands in v's dtype (fp32 multiplies in full fp32), fp32
 accumulation. Varlen input is right-padded per sequence (padding has dt = dA = 0, which changes
 nothing), as chunked.py does.
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .common import Mamba3State, expand_groups, rotate_interleaved, siso_varlen
-from .triton_siso_bwd import dt_trap_bwd, gate_bwd, prep_bwd, ssd_core_bwd
+from .triton_siso_bwd import gate_bwd, phase_dt_bwd, prep_bwd, ssd_core_bwd
 from .triton_siso_fwd import INTERPRET, chunk_start_phases, mamba3_fused_fwd, prep_rows, ssd_core_fwd
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -140,33 +141,11 @@ def _entering_state(s0, k0, v0, lam0, dt0):
     return s0.float() + ((1.0 - lam0) * dt0)[..., None, None] * v0.float().unsqueeze(-1) * k0.float().unsqueeze(-2)
 
 
-def _phase_grads(dtot, ddt_loc, dang_loc, dt32, angles, C):
-    """Finish the phase chain rule from prep_bwd's outputs (see _prep_bwd_kernel) on blocks of C
-    tokens: the gradient of the phase increment at t is R_c - P_t, R_c = the sum of the block sums
-    of d theta over blocks >= c (t's block).
-    Returns (d dt through the phase [B, T, H], d angles (angles' shape), d initial phase [B, H, S])."""
-    B, T, H = dt32.shape
-    S, nc = dtot.shape[2], dtot.shape[3]
-    rc = dtot.flip(-1).cumsum(-1).flip(-1)            # [B, H, S, nc]; scanned innermost (an outer-dim scan is slow)
-    th = torch.tanh(angles.float())
-    pad = nc * C - T
-    per_chunk = lambda x: F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)).view(B, nc, C, *x.shape[2:])
-    unchunk = lambda x: x.reshape(B, nc * C, *x.shape[3:])[:, :T]
-    if angles.dim() == 3:                                                  # shared by the heads
-        rate = per_chunk(torch.pi * th)                                    # [B, nc, C, S]
-        ddt = ddt_loc + unchunk(torch.einsum("bcrs,bhsc->bcrh", rate, rc))
-        dinc_dt = dang_loc.sum(2) + unchunk(torch.einsum("bcrh,bhsc->bcrs", per_chunk(dt32), rc))
-    else:                                                                  # per head [B, T, H, S]
-        rcb = unchunk(rc.permute(0, 3, 1, 2).unsqueeze(2).expand(B, nc, C, H, S))
-        ddt = ddt_loc + (torch.pi * th * rcb).sum(-1)
-        dinc_dt = dang_loc + dt32.unsqueeze(-1) * rcb
-    return ddt, dinc_dt * torch.pi * (1 - th * th), rc[..., 0]
-
-
 class Mamba3SisoFn(torch.autograd.Function):
     """Fused Triton forward (saves the prepared Q, K, the pre-gate output and the entering chunk
     states); backward = Triton SSD-core backward kernels, then a Triton kernel back through the
-    per-token preparation, then [B, T, H]-sized PyTorch algebra for dt, trap, angles and states."""
+    per-token preparation, then one [B, T, H] pass for dt, trap and angles (and small PyTorch
+    algebra for an initial state)."""
 
     @staticmethod
     def forward(ctx, q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, a0, s0, k0, v0, th0, chunk_size, train):
@@ -200,14 +179,12 @@ class Mamba3SisoFn(torch.autograd.Function):
         rows = prep_rows(C)
         dq, dk, dtot, ddt_loc, dang_loc, dcs, dgamma, dqb, dkb = prep_bwd(q, k, q_bias, k_bias, dt, trap, angles,
                                                                          th0, rows, dQ, dK, dskip)
-        dt32 = dt.float()
-        ddt_phase, dang, dtheta0 = _phase_grads(dtot, ddt_loc, dang_loc, dt32, angles, rows)
         # c_t = gamma_t + u_{t+1}, u_t = (1 - lam_t) dt_t;  S0 = s0 + u_0 v0 k0^T (d u_0 from dS0)
         du0 = None if s0 is None else torch.einsum("bhpn,bhp,bhn->bh", dS0, v0.float(), k0.float())
-        ddt, dtrap = dt_trap_bwd(dgamma, dcs, ddt_phase.contiguous(), trap, dt, du0)
+        ddt, dtrap, dang, dtheta0 = phase_dt_bwd(dtot, ddt_loc, dang_loc, angles, dgamma, dcs, trap, dt, rows, du0)
         da0 = ds0 = dk0 = dv0 = None
         if s0 is not None:
-            u0 = ((1.0 - torch.sigmoid(trap[:, 0].float())) * dt32[:, 0])[..., None]
+            u0 = ((1.0 - torch.sigmoid(trap[:, 0].float())) * dt[:, 0].float())[..., None]
             ds0 = dS0
             dv0 = u0 * torch.einsum("bhpn,bhn->bhp", dS0, k0.float())
             dk0 = u0 * torch.einsum("bhpn,bhp->bhn", dS0, v0.float())

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .triton_siso_fwd import (_biased_pairs, _interleave, _load_chunk, _load_ell, _row_coeffs, _row_phase,
-                              _split_pairs, chunk_warps, dot_precision, nonempty, scan_block, static_loop)
+                              _split_pairs, _cos_sin, _tanh, chunk_warps, dot_precision, nonempty, scan_block, static_loop)
 
 
 @triton.jit
@@ -280,38 +280,89 @@ def gate_bwd(dy, z, ypre, v, do_dtype):
 
 
 @triton.jit
-def _dt_trap_bwd_kernel(DGAM, DCS, DDTP, TRAP, DT, DU0, DDT, DTRAP, M, TH, H,
-                        HAS_DU0: tl.constexpr, BLOCK: tl.constexpr):
-    """Rows m = (b T + t) H + h of [B, T, H] (all contiguous): with lam = sigmoid(trap), gamma_t =
-    lam_t dt_t and c_t = gamma_t + u_{t+1}, u_t = (1 - lam_t) dt_t, the gradients d gamma and d c
-    give du_t = d c_{t-1} (DU0[b, h] at t = 0: the initial state's term, or 0), then
-    d dt = d gamma lam + du (1 - lam) + DDTP (the phase part) and d trap = (d gamma - du) dt lam (1 - lam)."""
-    m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = m < M
-    first = (m % TH) < H                                   # t == 0
-    lam = tl.sigmoid(tl.load(TRAP + m, mask=ok, other=0.0).to(tl.float32))
-    dt = tl.load(DT + m, mask=ok, other=0.0).to(tl.float32)
-    dgam = tl.load(DGAM + m, mask=ok, other=0.0)
-    du = tl.load(DCS + m - H, mask=ok & ~first, other=0.0)
-    if HAS_DU0:
-        du += tl.load(DU0 + (m // TH) * H + m % H, mask=ok & first, other=0.0)
-    ddt = dgam * lam + du * (1.0 - lam) + tl.load(DDTP + m, mask=ok, other=0.0)
-    tl.store(DDT + m, ddt.to(DDT.dtype.element_ty), mask=ok)
-    tl.store(DTRAP + m, ((dgam - du) * dt * lam * (1.0 - lam)).to(DTRAP.dtype.element_ty), mask=ok)
+def _phase_dt_bwd_kernel(RC, DDTL, DANGL, ANG, DGAM, DCS, TRAP, DT, DU0, DDT, DTRAP, DANG, T, nblk, S,
+                         sab, sat, sah, H: tl.constexpr, ANG_PER_HEAD: tl.constexpr, HAS_DU0: tl.constexpr, ROWS: tl.constexpr,
+                         NB: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The tail of the SISO backward for NB blocks of ROWS tokens of one batch row, all heads.
+
+    Phase chain (see _prep_bwd_kernel): with R_c the sum of the block sums of d theta over blocks
+    >= c (RC [B, H, S, nblk] holds the inclusive cumsum over *reversed* blocks, so R_c is at
+    index nblk - 1 - c), d(increment_t) = R_c - P_t; the increment is dt_t pi tanh(a_t), so
+      d dt (phase)  = DDTL + sum_s pi tanh(a) R_c,
+      d a           = (DANGL + sum_h dt R_c) pi (1 - tanh^2 a)   (DANGL [B, T, S]; per-head
+                      angles: DANGL [B, T, H, S] and no sum over heads).
+    Trapezoid rule: with lam = sigmoid(trap), gamma_t = lam_t dt_t, c_t = gamma_t + u_{t+1},
+    u_t = (1 - lam_t) dt_t, the gradients d gamma (DGAM) and d c (DCS) give du_t = d c_{t-1}
+    (DU0[b, h] at t = 0: the initial state's term, or 0), so
+      d dt = d gamma lam + du (1 - lam) + d dt (phase),  d trap = (d gamma - du) dt lam (1 - lam).
+    [B, T, H] tensors contiguous; DDT, DTRAP in dt's / trap's dtype; DANG fp32 in DANGL's layout."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    TOK: tl.constexpr = NB * ROWS
+    t = pid * TOK + tl.arange(0, TOK)
+    tm = t < T
+    s = tl.arange(0, BLOCK_S)
+    sm = s < S
+    ts = tm[:, None] & sm[None, :]
+    jb = nblk - 1 - (pid * NB + tl.arange(0, NB))                  # reversed block index of each block
+    jm = jb >= 0
+    bt = b * T + t                                                  # row of [B, T, .]
+    if not ANG_PER_HEAD:
+        a = tl.load(ANG + b * sab + t[:, None] * sat + s[None, :], mask=ts, other=0.0).to(tl.float32)
+        th = _tanh(a)
+        dinc = tl.load(DANGL + bt[:, None] * S + s[None, :], mask=ts, other=0.0)
+    for h in range(H):
+        rc = tl.load(RC + ((b * H + h) * S + s[None, :]) * nblk + jb[:, None], mask=jm[:, None] & sm[None, :],
+                     other=0.0)                                     # [NB, BLOCK_S]
+        rc = tl.reshape(tl.broadcast_to(rc[:, None, :], [NB, ROWS, BLOCK_S]), [TOK, BLOCK_S])
+        m = bt * H + h
+        dt = tl.load(DT + m, mask=tm, other=0.0).to(tl.float32)
+        if ANG_PER_HEAD:
+            a = tl.load(ANG + b * sab + h * sah + t[:, None] * sat + s[None, :], mask=ts, other=0.0).to(tl.float32)
+            th = _tanh(a)
+            dinc_h = tl.load(DANGL + m[:, None] * S + s[None, :], mask=ts, other=0.0) + dt[:, None] * rc
+            tl.store(DANG + m[:, None] * S + s[None, :], dinc_h * 3.141592653589793 * (1.0 - th * th), mask=ts)
+        else:
+            dinc += dt[:, None] * rc
+        ddtp = tl.load(DDTL + m, mask=tm, other=0.0) + tl.sum(3.141592653589793 * th * rc, axis=1)
+        lam = tl.sigmoid(tl.load(TRAP + m, mask=tm, other=0.0).to(tl.float32))
+        dgam = tl.load(DGAM + m, mask=tm, other=0.0)
+        du = tl.load(DCS + m - H, mask=tm & (t > 0), other=0.0)
+        if HAS_DU0:
+            du += tl.load(DU0 + b * H + h + t * 0, mask=tm & (t == 0), other=0.0)
+        tl.store(DDT + m, (dgam * lam + du * (1.0 - lam) + ddtp).to(DDT.dtype.element_ty), mask=tm)
+        tl.store(DTRAP + m, ((dgam - du) * dt * lam * (1.0 - lam)).to(DTRAP.dtype.element_ty), mask=tm)
+    if not ANG_PER_HEAD:
+        tl.store(DANG + bt[:, None] * S + s[None, :], dinc * 3.141592653589793 * (1.0 - th * th), mask=ts)
 
 
-def dt_trap_bwd(dgamma, dcs, ddt_phase, trap, dt, du0=None):
-    """Launch :func:`_dt_trap_bwd_kernel` on contiguous [B, T, H] tensors (dgamma, dcs, ddt_phase
-    fp32; du0 [B, H] fp32 or None). Returns (d dt in dt's dtype, d trap in trap's dtype)."""
+PHASE_DT_TOKENS = 64   # tokens per program of _phase_dt_bwd_kernel (a loop over all heads each)
+
+
+def phase_dt_bwd(dtot, ddt_loc, dang_loc, angles, dgamma, dcs, trap, dt, rows, du0=None):
+    """Launch :func:`_phase_dt_bwd_kernel` after prep_bwd (dtot [B, H, S, nblk] holding the block
+    sums of d theta in reversed block order; ddt_loc, dgamma, dcs [B, T, H] fp32 contiguous;
+    dang_loc [B, T, S], or [B, T, H, S] with per-head angles; rows the tokens per block; du0 [B, H]
+    fp32 or None). Returns (d dt in dt's dtype, d trap in trap's dtype, d angles fp32 in angles'
+    shape, d initial phase [B, H, S] fp32)."""
     B, T, H = dt.shape
-    M = B * T * H
+    S, nblk = dtot.shape[2], dtot.shape[3]
+    per_head = angles.dim() == 4
     ddt, dtrap = torch.empty_like(dt), torch.empty_like(trap)
-    if M:
-        BLOCK = 1024
-        _dt_trap_bwd_kernel[(triton.cdiv(M, BLOCK),)](dgamma, dcs, ddt_phase, trap, dt,
-                                                     du0 if du0 is not None else dgamma, ddt, dtrap, M, T * H, H,
-                                                     HAS_DU0=du0 is not None, BLOCK=BLOCK, num_warps=4)
-    return ddt, dtrap
+    dang = torch.empty(angles.shape, device=dt.device, dtype=torch.float32)
+    if S == 0 or T == 0:
+        rc = torch.zeros(B, H, S, 1, device=dt.device, dtype=torch.float32)
+    else:
+        rc = torch.cumsum(dtot, -1)                       # innermost scan; R_c at index nblk - 1 - c
+    if B * T * H:
+        nb = triton.next_power_of_2(max(1, PHASE_DT_TOKENS // rows + 1)) // 2   # a power of two
+        sa = (angles.stride(0), angles.stride(1), angles.stride(2) if per_head else 0)
+        BS = max(16, triton.next_power_of_2(S))
+        _phase_dt_bwd_kernel[(triton.cdiv(T, nb * rows), B)](
+            nonempty(rc, dgamma), ddt_loc, nonempty(dang_loc, dgamma), nonempty(angles, dt), dgamma, dcs, trap, dt,
+            du0 if du0 is not None else dgamma, ddt, dtrap, nonempty(dang, dgamma), T, nblk, S, *sa,
+            H=H, ANG_PER_HEAD=per_head, HAS_DU0=du0 is not None, ROWS=rows, NB=nb, BLOCK_S=BS, num_warps=4)
+    return ddt, dtrap, dang, rc[..., -1]
 
 
 @triton.jit
@@ -325,7 +376,8 @@ def _prep_bwd_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, dQ, dK, DSKIP, DQ, DK, DT
     In: dQ (rotated q) and dK (rotated, scaled k) [B, T, H, N], d(skip) [B, T, H], TH0 [B, H, nblk,
     S] the phases entering each block. Out:
       DQ, DK [HSPLIT, B, T, G, N] (DQ's dtype): the gradients of q, k, summed over the split's heads;
-      DTOT [B, H, S, nblk]: the block's sum of d theta (d theta_t = the gradient of the phase at t);
+      DTOT [B, H, S, nblk]: the block's sum of d theta (d theta_t = the gradient of the phase at t),
+      stored at block index nblk - 1 - blk (so a forward cumsum gives the sums over later blocks);
       with P_t = sum of d theta over the block's tokens before t, the phase at t feeds every later
       phase, so d(increment_t) = (sum of DTOT over blocks >= this one) - P_t. The -P_t parts:
       DDTL [B, T, H] = -sum_s P_t rate_t (for d dt) and DANGL = -sum_h dt_t P_t ([HSPLIT, B, T, G, S]; per
@@ -349,11 +401,19 @@ def _prep_bwd_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, dQ, dK, DSKIP, DQ, DK, DT
     acc_ke = tl.zeros([ROWS, BLOCK_N2], dtype=tl.float32)
     acc_ko = tl.zeros([ROWS, BLOCK_N2], dtype=tl.float32)
     acc_ang = tl.zeros([ROWS, BLOCK_N2], dtype=tl.float32)
+    if not ANG_PER_HEAD:   # shared by the heads: the rate once per program
+        rate = 3.141592653589793 * _tanh(tl.load(ANG + b * sab + t[:, None] * sat + i[None, :],
+                                                 mask=tm[:, None] & rot[None, :], other=0.0).to(tl.float32))
     for hl in range(HPS):
         h = g * HG + sp * HPS + hl
         dt, gamma, cs = _row_coeffs(DT, TRAP, b, h, t, T, sdb, sdt, sdh)
         start = tl.load(TH0 + ((b * H + h) * nblk + blk) * S + i, mask=rot, other=0.0)
-        cos, sin, rate = _row_phase(ANG, dt, b, h, t, T, S, sab, sat, sah, start, BLOCK_N2)
+        if ANG_PER_HEAD:
+            cos, sin, rate = _row_phase(ANG, dt, b, h, t, T, S, sab, sat, sah, start, BLOCK_N2)
+        else:
+            cos, sin = _cos_sin(start[None, :] + tl.cumsum(dt[:, None] * rate, axis=0))
+            cos = tl.where(rot[None, :], cos, 1.0)
+            sin = tl.where(rot[None, :], sin, 0.0)
         qe, qo = _biased_pairs(Q, QB, b, g, h, t, T, N, sqb, sqt, sqg, BLOCK_N2)
         ke, ko = _biased_pairs(K, KB, b, g, h, t, T, N, sqb, sqt, sqg, BLOCK_N2)
         row = ((b * T + t) * H + h) * N
@@ -373,7 +433,7 @@ def _prep_bwd_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, dQ, dK, DSKIP, DQ, DK, DT
         wo = wo * cs[:, None]
         dth = tl.where(rot[None, :], qe * uo - qo * ue + ke * wo - ko * we, 0.0)
         prior = tl.cumsum(dth, axis=0) - dth                               # P_t: block rows before t
-        tl.store(DTOT + ((b * H + h) * S + i) * nblk + blk, tl.sum(dth, axis=0), mask=rot)
+        tl.store(DTOT + ((b * H + h) * S + i) * nblk + nblk - 1 - blk, tl.sum(dth, axis=0), mask=rot)
         ht = (b * T + t) * H + h
         tl.store(DDTL + ht, -tl.sum(prior * rate, axis=1), mask=tm)
         if ANG_PER_HEAD:
@@ -424,8 +484,9 @@ def head_splits(HG: int, programs: int, target: int = None) -> int:
 def prep_bwd(q, k, q_bias, k_bias, dt, trap, angles, th0, rows, dQ, dK, dskip):
     """Launch :func:`_prep_bwd_kernel` (raw inputs contiguous as in the forward; th0 [B, H, nblk, S]
     the phases entering each block of ``rows`` tokens; grid (blocks, B*G*splits)). Returns (dq, dk
-    [B, T, G, N] in q's dtype; dtot [B, H, S, nblk], ddt_local [B, T, H], dang_local ([B, T, G, S]
-    or, with per-head angles, [B, T, H, S]), dc, dgamma [B, T, H], all fp32; the bias gradients
+    [B, T, G, N] in q's dtype; dtot [B, H, S, nblk] (blocks in reversed order), ddt_local [B, T, H],
+    dang_local ([B, T, S], summed over the groups, or, with per-head angles, [B, T, H, S]), dc, dgamma
+    [B, T, H], all fp32; the bias gradients
     dq_bias, dk_bias [H, N] fp32); see the kernel for the phase terms."""
     B, T, H = dt.shape
     G, N = q.shape[2], q.shape[3]
@@ -440,19 +501,21 @@ def prep_bwd(q, k, q_bias, k_bias, dt, trap, angles, th0, rows, dQ, dK, dskip):
     dtot = torch.empty(B, H, S, nblk, **f32)
     ddtl, dcs, dgam = torch.empty(B, T, H, **f32), torch.empty(B, T, H, **f32), torch.empty(B, T, H, **f32)
     dangl = torch.empty(B, T, H, S, **f32) if per_head else torch.empty(sp, B, T, G, S, **f32)
-    dqb, dkb = torch.empty(B, nblk, H, N, **f32), torch.empty(B, nblk, H, N, **f32)
+    dqkb = torch.empty(2, B, nblk, H, N, **f32)          # q and k bias partials: one sum after
     sa = (angles.stride(0), angles.stride(1), angles.stride(2) if per_head else 0)
     BN2 = max(32, triton.next_power_of_2(N)) // 2
     angles, th0, dtot_, dangl_ = nonempty(angles, dt), nonempty(th0, dt), nonempty(dtot, dcs), nonempty(dangl, dcs)
     _prep_bwd_kernel[(nblk, B * G * sp)](q, k, q_bias.float().contiguous(), k_bias.float().contiguous(), dt, trap,
-                                         angles, th0, dQ, dK, dskip, dq, dk, dtot_, ddtl, dangl_, dcs, dgam, dqb, dkb,
+                                         angles, th0, dQ, dK, dskip, dq, dk, dtot_, ddtl, dangl_, dcs, dgam,
+                                         dqkb[0], dqkb[1],
                                          B, T, H, G, nblk, N, S, *q.stride()[:3], *dt.stride(), *sa,
                                          ANG_PER_HEAD=per_head, HG=H // G, HSPLIT=sp, ROWS=rows, BLOCK_N2=BN2,
                                          num_warps=PREP_BWD_NUM_WARPS)
     if sp > 1:
         dq, dk = dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype)
-        dangl = dangl if per_head else dangl.sum(0)
     else:
         dq, dk = dq[0], dk[0]
-        dangl = dangl if per_head else dangl[0]
-    return dq, dk, dtot, ddtl, dangl, dcs, dgam, dqb.sum((0, 1)), dkb.sum((0, 1))
+    if not per_head:
+        dangl = dangl.sum((0, 3)) if sp * G > 1 else dangl[0, :, :, 0]
+    dqb, dkb = dqkb.sum((1, 2)).unbind(0)
+    return dq, dk, dtot, ddtl, dangl, dcs, dgam, dqb, dkb

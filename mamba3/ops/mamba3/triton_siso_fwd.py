@@ -352,9 +352,10 @@ def _phase_scan_block(SUMS, TH0, carry, bh, c0, nc, S, i, NCB: tl.constexpr):
 def _phase_scan_kernel(SUMS, INIT, TH0, FIN, nc, S, HAS_INIT: tl.constexpr, NCB: tl.constexpr,
                        BLOCK_S: tl.constexpr, NB_STATIC: tl.constexpr):
     """Exclusive running sum over chunks of SUMS [B*H, nc, S] plus INIT, in fp64, reduced mod 2 pi:
-    TH0 [B*H, nc, S] (entering phases) and FIN [B*H, S] (final phase), both fp32."""
+    TH0 [B*H, nc, S] (entering phases) and FIN [B*H, S] (final phase), both fp32; grid (B*H,
+    S / BLOCK_S): pairs split over programs when batch x heads is small (a serial scan per program)."""
     bh = tl.program_id(0)
-    i = tl.arange(0, BLOCK_S)
+    i = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
     if HAS_INIT:
         carry = tl.load(INIT + bh * S + i, mask=i < S, other=0.0).to(tl.float64)
     else:
@@ -394,8 +395,12 @@ def chunk_start_phases(dt, angles, init_angle, chunk_size):
                                                           CHUNK=chunk_size, BPP=bpp, BLOCK_S=BS, num_warps=4)
     init = init_angle.float().contiguous() if init_angle is not None else final
     NCB = min(PHASE_SCAN_TILE, max(16, triton.next_power_of_2(nc)))  # blocks per serial step (fp64 tiles)
-    _phase_scan_kernel[(B * H,)](sums, init, th0, final, nc, S, HAS_INIT=init_angle is not None, NCB=NCB, BLOCK_S=BS,
-                                 NB_STATIC=static_loop(triton.cdiv(nc, NCB)), num_warps=4 if NCB <= 64 else 8)
+    BSS = BS                                             # pairs per scan program: split S to fill the GPU
+    while BSS > 16 and B * H * triton.cdiv(S, BSS) < GROUP_TARGET_PROGRAMS:
+        BSS //= 2
+    _phase_scan_kernel[(B * H, triton.cdiv(S, BSS))](sums, init, th0, final, nc, S, HAS_INIT=init_angle is not None,
+                                                     NCB=NCB, BLOCK_S=BSS, NB_STATIC=static_loop(triton.cdiv(nc, NCB)),
+                                                     num_warps=4 if NCB * BSS <= 64 * 64 else 8)
     return th0, final
 
 
