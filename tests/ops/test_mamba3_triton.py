@@ -156,6 +156,32 @@ def test_phase_scan_split_over_pairs_and_many_token_programs(monkeypatch, per_he
     assert rel(a0.grad, a64.grad) < 1e-4
 
 
+@pytest.mark.parametrize("P,final_grad", [(32, True), (8, False)])
+def test_state_gradient_walk_matches_reference(monkeypatch, P, final_grad):
+    """The one-program-per-(batch, head) reverse walk of the state gradient (taken when batch x
+    heads fill the GPU; forced here), with P split over two programs (P = 32) or one, with and
+    without a final-state gradient; T = 83 ends in a partial chunk."""
+    from mamba3.ops.mamba3 import triton_siso_bwd as bw
+    monkeypatch.setattr(bw, "WALK_MIN_PROGRAMS", 1)
+    xs = make_inputs(B=2, T=83, G=1, H=2, N=16, P=P, S=4, seed=41)
+    init = make_state(2, 2, P, 16, 4, seed=42)
+    x64, y_ref, fin_ref = reference64(xs, initial_state=init)
+    ssm0 = init.ssm.clone().requires_grad_(True)
+    ssm64 = init.ssm.double().cpu().requires_grad_(True)
+    y_ref, fin_ref = mamba3_siso_reference(*(x64[n] for n in NAMES), return_final_state=True,
+                                           initial_state=Mamba3State(*(t.double().cpu() for t in init))._replace(ssm=ssm64))
+    leaves = {n: t.clone().requires_grad_(True) for n, t in xs.items()}
+    y, fin = mamba3_siso_triton(*(leaves[n] for n in NAMES), initial_state=init._replace(ssm=ssm0),
+                                return_final_state=True, chunk_size=16)
+    dy, dS = torch.randn_like(y_ref), torch.randn_like(fin_ref.ssm)
+    final_term = (lambda f: (f.ssm * dS.to(f.ssm)).sum()) if final_grad else (lambda f: 0.0)  # else no d(final)
+    ((y_ref * dy).sum() + final_term(fin_ref)).backward()
+    ((y * dy.to(y)).sum() + final_term(fin)).backward()
+    assert rel(ssm0.grad, ssm64.grad) < 1e-4
+    for n in NAMES:
+        assert rel(leaves[n].grad, x64[n].grad) < 1e-4, n
+
+
 @pytest.mark.parametrize("target", [1, 4, 10**6])
 def test_chunk_group_layouts_match_reference(monkeypatch, target):
     """One group (state carried through every chunk), a few groups (pre-pass + group scan, a

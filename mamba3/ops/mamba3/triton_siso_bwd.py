@@ -84,6 +84,61 @@ def _dstate_scan_kernel(GS, DEC, dSF, dS0, nc, PN, HAS_DSF: tl.constexpr, BLOCK:
 
 
 @triton.jit
+def _walk_step(Q, dY, dA, DEC, GS, carry, b, h, bh, c, T, nc, N, P, p, sp, pm,
+               sqb, sqt, sqh, syb, syt, syh, sdb, sdt, sdh, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+               PREC: tl.constexpr):
+    """Chunk c of the reverse walk: store the carry (gradient of the state leaving chunk c), return
+    the gradient of the state entering it."""
+    t = c * CHUNK + tl.arange(0, CHUNK)
+    q = _load_chunk(Q, b, h, c, T, sqb, sqt, sqh, CHUNK, BLOCK_N, N)
+    dy = tl.load(dY + b * syb + t[:, None] * syt + h * syh + p[None, :], mask=(t[:, None] < T) & (p[None, :] < P),
+                 other=0.0)
+    ell = _load_ell(dA, b, h, c, T, sdb, sdt, sdh, CHUNK)
+    dyw = (dy.to(tl.float32) * tl.exp(ell)[:, None]).to(q.dtype)
+    tl.store(GS + (bh * nc + c) * P * N + sp, carry.to(GS.dtype.element_ty), mask=pm)
+    return tl.dot(tl.trans(dyw), q, carry * tl.exp(tl.load(DEC + bh * nc + c)), input_precision=PREC)
+
+
+@triton.jit
+def _dstate_walk_kernel(Q, dY, dA, DEC, GS, dSF, dS0, T, H, nc, N, P,
+                        sqb, sqt, sqh, syb, syt, syh, sdb, sdt, sdh,
+                        HAS_DSF: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_P: tl.constexpr, PREC: tl.constexpr, NC_STATIC: tl.constexpr):
+    """_chunk_dstate_kernel and _dstate_scan_kernel in one reverse walk over the chunks of one
+    (batch, head, block of BLOCK_P rows of P), the state gradient carried in registers: GS[c] = the
+    gradient of the state leaving chunk c, then carry = (e^ell dY_c)^T Q_c + e^(dec_c) carry.
+    For batch x heads that fill the GPU (no chunk parallelism: a serial chain per program)."""
+    bh = tl.program_id(0)
+    pb = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    n = tl.arange(0, BLOCK_N)
+    pm = (p[:, None] < P) & (n[None, :] < N)
+    sp = p[:, None] * N + n[None, :]
+    if HAS_DSF:
+        carry = tl.load(dSF + bh * P * N + sp, mask=pm, other=0.0)
+    else:
+        carry = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    if NC_STATIC > 0:  # interpreter: loop bounds must be Python ints
+        for r in range(NC_STATIC):
+            carry = _walk_step(Q, dY, dA, DEC, GS, carry, b, h, bh, NC_STATIC - 1 - r, T, nc, N, P, p, sp, pm,
+                               sqb, sqt, sqh, syb, syt, syh, sdb, sdt, sdh, CHUNK, BLOCK_N, PREC)
+    else:
+        for r in range(nc):
+            carry = _walk_step(Q, dY, dA, DEC, GS, carry, b, h, bh, nc - 1 - r, T, nc, N, P, p, sp, pm,
+                               sqb, sqt, sqh, syb, syt, syh, sdb, sdt, sdh, CHUNK, BLOCK_N, PREC)
+    tl.store(dS0 + bh * P * N + sp, carry, mask=pm)
+
+
+WALK_MIN_PROGRAMS = 128   # batch x heads from which the state-gradient pass is one reverse walk per
+                          # (batch, head) instead of the chunk-parallel local sums + scan (H100, config A,
+                          # benchmarks/gpu_state_grad_walk.py: pass 0.085 vs 0.155 ms at B x H = 128, 0.24
+                          # vs 0.23 at 64)
+WALK_P_SPLIT = 2          # programs per (batch, head) of the walk, each a block of P rows
+
+
+@triton.jit
 def _store_chunk(ptr, x, b, h, c, T, stride_b, stride_t, stride_h, CHUNK: tl.constexpr,
                  BLOCK: tl.constexpr, DIM):
     t = c * CHUNK + tl.arange(0, CHUNK)
@@ -219,15 +274,22 @@ def ssd_core_bwd(Q, K, V, dA, dY, states, dec, dSF, chunk_size: int, skip=None, 
     BN, BP = max(16, triton.next_power_of_2(N)), max(16, triton.next_power_of_2(P))
     prec = dot_precision(Q.dtype)
     nw = chunk_warps(C, BN, BP, prec)
-    _chunk_dstate_kernel[(nc, B * H)](Q, dY, dA, gs, T, H, nc, N, P, *Q.stride()[:3], *dY.stride()[:3],
-                                      *dA.stride(), CHUNK=C, BLOCK_N=BN, BLOCK_P=BP, PREC=prec,
-                                      num_warps=nw)
-    PN = P * N
-    BLOCK = scan_block(PN, B * H)
     dsf = dSF if dSF is not None else dS0
-    _dstate_scan_kernel[(triton.cdiv(PN, BLOCK), B * H)](gs, dec, dsf, dS0, nc, PN,
-                                                        HAS_DSF=dSF is not None, BLOCK=BLOCK,
-                                                        NC_STATIC=static_loop(nc), num_warps=4)
+    if B * H >= WALK_MIN_PROGRAMS:
+        ps = min(WALK_P_SPLIT, BP // 16)
+        _dstate_walk_kernel[(B * H, ps)](Q, dY, dA, dec, gs, dsf, dS0, T, H, nc, N, P, *Q.stride()[:3],
+                                         *dY.stride()[:3], *dA.stride(), HAS_DSF=dSF is not None, CHUNK=C,
+                                         BLOCK_N=BN, BLOCK_P=BP // ps, PREC=prec, NC_STATIC=static_loop(nc),
+                                         num_warps=nw, num_stages=1 if Q.dtype == torch.float32 else 2)
+    else:
+        _chunk_dstate_kernel[(nc, B * H)](Q, dY, dA, gs, T, H, nc, N, P, *Q.stride()[:3], *dY.stride()[:3],
+                                          *dA.stride(), CHUNK=C, BLOCK_N=BN, BLOCK_P=BP, PREC=prec,
+                                          num_warps=nw)
+        PN = P * N
+        BLOCK = scan_block(PN, B * H)
+        _dstate_scan_kernel[(triton.cdiv(PN, BLOCK), B * H)](gs, dec, dsf, dS0, nc, PN,
+                                                            HAS_DSF=dSF is not None, BLOCK=BLOCK,
+                                                            NC_STATIC=static_loop(nc), num_warps=4)
     nsplit, bwd_nw = bwd_layout(Q.dtype, BN, nw)
     # dQ/dK/dV/ddA are fresh contiguous tensors with Q/K/V/dA's shapes, so the same strides apply
     _chunk_bwd_kernel[(nc, B * H)](Q, K, V, dA, dY, states, gs, ddA if skip is None else skip, dQ, dK, dV, ddA,
