@@ -245,6 +245,8 @@ def time_mimo(res, R=4):
     (y.float() * dy).sum().backward()
     (y_ref * dy).sum().backward()
     errs = {"y": rel(y, y_ref)}
+    with torch.no_grad():                      # inference: the fused kernels of triton_mimo_fwd.py
+        errs["y_inference"] = rel(mamba3_mimo(*(xs[n] for n in MIMO_NAMES), impl="triton")[0], y_ref)
     errs.update({"d" + n: rel(leaves[n].grad, ref[n].grad) for n in MIMO_NAMES})
     ok = all(v < (0.2 if k == "dangles" else 2e-2) for k, v in errs.items())
     res["check"]["mimo_2x512"] = dict(errs, ok=ok)
@@ -261,12 +263,20 @@ def time_mimo(res, R=4):
                                    return_mode="median")
     row["mimo_fwdbwd"] = do_bench(lambda: mamba3_mimo(*(leaves[n] for n in MIMO_NAMES), impl="triton")[0].backward(dy),
                                   grad_to_none=list(leaves.values()), return_mode="median")
+    from torch.profiler import ProfilerActivity, profile
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            mamba3_mimo(*(xs[n] for n in MIMO_NAMES), impl="triton")
+        torch.cuda.synchronize()
+    row["fwd_kernels_ms"] = {e.key[:60]: e.device_time_total / 3e3 for e in prof.key_averages() if e.device_time_total}
     siso = res["prefill"].get(f"{B}x{T}", {})
     if "ours_fwdbwd" in siso:
         row["ratio_to_siso_fwdbwd"] = row["mimo_fwdbwd"] / siso["ours_fwdbwd"]
         row["ratio_to_siso_fwd"] = row["mimo_fwd"] / siso["ours_fwd"]
     res["mimo"] = {f"R{R}_{B}x{T}": row}
-    print(f"mimo R={R} {B}x{T}: " + " ".join(f"{k}={v:.3f}" for k, v in row.items()), flush=True)
+    print(f"mimo R={R} {B}x{T}: " + " ".join(f"{k}={v:.3f}" for k, v in row.items() if isinstance(v, float)),
+          flush=True)
+    print("mimo inference kernels:", {k: round(v, 4) for k, v in row["fwd_kernels_ms"].items()}, flush=True)
 
 
 def decode_inputs(B, state_dtype, seed=0):

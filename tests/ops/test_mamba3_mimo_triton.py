@@ -21,6 +21,7 @@ from mamba3.ops import mamba3_mimo  # noqa: E402
 from mamba3.ops.mamba3.mimo_interface import mamba3_mimo_step  # noqa: E402
 from mamba3.ops.mamba3.mimo_reference import mamba3_mimo_step_reference  # noqa: E402
 import mamba3.ops.mamba3.mimo_chunked as mimo_chunked  # noqa: E402
+import mamba3.ops.mamba3.triton_mimo as triton_mimo  # noqa: E402
 from mamba3.ops.mamba3 import Mamba3State, mamba3_mimo_reference  # noqa: E402
 from mamba3.ops.mamba3.mimo_interface import triton_mimo_supported  # noqa: E402
 
@@ -106,6 +107,32 @@ def test_forward_state_and_all_gradients_match_fp64_reference(R, chunk, G, H, no
             assert rel(a.grad, b.grad) < 1e-4, f"initial_state.{name}"
 
 
+@pytest.mark.parametrize("R,chunk,G,H,norm,per_head,optional,init", [
+    (1, 16, 1, 2, False, False, True, False),
+    (2, 8, 2, 4, True, True, True, True),
+    (4, 4, 1, 2, True, False, False, True),
+    (4, 8, 2, 2, False, False, True, True),
+    (3, 8, 1, 2, True, False, True, True),          # R = 3: a 24-row tile is not a power of two
+])
+def test_inference_forward_fused_kernels_match_fp64_reference(R, chunk, G, H, norm, per_head, optional, init):
+    """Without autograd impl="triton" runs the fused preparation / core / epilogue kernels
+    (triton_mimo_fwd.py; T = 37: several phase blocks and epilogue programs, a partial chunk)."""
+    if R * chunk & (R * chunk - 1):
+        pytest.skip("R * chunk must be a power of two for impl='triton' (checked by the interface)")
+    x = make_inputs(T=37, R=R, G=G, H=H, per_head_angles=per_head, norm=norm, seed=9)
+    if not optional:
+        x["D"], x["z"] = None, None
+    st = make_state(2, R, H=H, seed=10) if init else None
+    with torch.no_grad():
+        y, fin = run(mamba3_mimo, x, initial_state=None if st is None else Mamba3State(*(t.to(DEV) for t in st)),
+                     return_final_state=True, chunk_size=chunk, impl="triton")
+    y_ref, fin_ref = run(mamba3_mimo_reference, to64(x), return_final_state=True,
+                         initial_state=None if st is None else Mamba3State(*(t.double() for t in st)))
+    assert y.dtype == torch.float32 and rel(y, y_ref) < 1e-4
+    for name, a, b in zip(Mamba3State._fields, fin, fin_ref):
+        assert a.shape == b.shape and rel(a, b) < 1e-4, f"final.{name}"
+
+
 @pytest.mark.parametrize("split", [5, 8])          # chunk 8: inside a chunk and on its boundary
 def test_prefix_plus_continuation_equals_whole(split):
     x = make_inputs(T=13, R=2, norm=True, seed=3)
@@ -157,7 +184,8 @@ def test_no_grad_blocks_equal_one_pass(monkeypatch, impl, G, H, budget_slabs, bl
     kw = dict(cu_seqlens=cu, initial_state=st, return_final_state=True, chunk_size=C, impl=impl)
     with torch.no_grad():
         y0, s0 = run(mamba3_mimo, x, **kw)
-        monkeypatch.setattr(mimo_chunked, "NO_GRAD_BLOCK_BYTES", budget_slabs * slab)
+        scale = 1 if impl == "chunked" else triton_mimo.FUSED_NO_GRAD_SLABS   # the fused form takes larger blocks
+        monkeypatch.setattr(mimo_chunked, "NO_GRAD_BLOCK_BYTES", budget_slabs * slab // scale)
         y, s = run(mamba3_mimo, x, **kw)
     tol = dict(atol=1e-13, rtol=0) if impl == "chunked" else dict(atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(y, y0, **tol)

@@ -45,9 +45,10 @@ def mamba3_mimo_chunked(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, m
 
 
 def run_mimo(forward, q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, initial_state,
-             return_final_state, C, norm_weight, eps, cu_seqlens):
+             return_final_state, C, norm_weight, eps, cu_seqlens, no_grad_slabs: int = 1):
     """Packed sequences -> right-padded batch, then ``forward`` (one pass, or head/batch blocks when
-    no gradient is needed: NO_GRAD_BLOCK_BYTES). ``forward(q, ..., z, initial_state,
+    no gradient is needed: ``no_grad_slabs`` x NO_GRAD_BLOCK_BYTES per fp32 slab; a form with smaller
+    intermediates than this chunked one takes more). ``forward(q, ..., z, initial_state,
     return_final_state, C, norm_weight, eps, lengths)`` returns (out [B, T, H, P], Mamba3State or
     None) for a padded batch."""
     lengths = None
@@ -64,7 +65,7 @@ def run_mimo(forward, q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mim
     if grad:
         y, final = forward(*args, *rest, lengths)
     else:
-        y, final = _in_blocks(forward, args, rest, lengths, NO_GRAD_BLOCK_BYTES)
+        y, final = _in_blocks(forward, args, rest, lengths, no_grad_slabs * NO_GRAD_BLOCK_BYTES)
     return (y if cu_seqlens is None else padded_to_pack(y, cu_seqlens)), final
 
 

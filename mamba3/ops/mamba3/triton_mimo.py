@@ -11,8 +11,10 @@ R x R correction per token:
     Y_t[r] = core_t[r] + sum_j (gamma_t M[r, j] - c_t [j < r] M[r, j]) X_t[j] + D X_t[r],
     M = <qh_t[r], kh_t[j]>
 
-Preparation (bias, split-half rotation, scales), the correction and the rank contraction run in
-PyTorch (differentiable); the chunked SSD with its state passing runs on Triton (SSDCoreFn).
+Training: preparation (bias, split-half rotation, scales), the correction and the rank contraction
+run in PyTorch (differentiable); the chunked SSD with its state passing runs on Triton (SSDCoreFn).
+Inference (no autograd): triton_mimo_fwd.py fuses the preparation and the epilogue into Triton
+kernels around the SISO group-forward core, with no fp32 per-head intermediates.
 The per-head PyTorch tensors are [B, T, R, H, N] fp32; without autograd, run_mimo
 (mimo_chunked.py) bounds them by running head / batch-row blocks, as for the chunked path.
 """
@@ -29,7 +31,13 @@ from .mimo_chunked import _final_state, _last_token, run_mimo
 from .mimo_interface import check_mimo_triton_inputs
 from .mimo_reference import heads_from_groups, mimo_output
 from .triton_siso import SSDCoreFn, check_triton_inputs
+from .triton_mimo_fwd import mamba3_mimo_fused_fwd
 from .triton_siso_fwd import INTERPRET
+
+
+# The fused inference forward holds about 2 (bf16) to 3 (fp32) slabs per (batch row, head) where
+# the chunked form peaks near 10: its head / batch blocks may be 4x larger (run_mimo).
+FUSED_NO_GRAD_SLABS = 4
 
 
 def mamba3_mimo_triton(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D=None, z=None, *,
@@ -48,13 +56,19 @@ def mamba3_mimo_triton(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mi
     check_mimo_triton_inputs(C, R, named)
     check_triton_inputs(C * R, named)                    # device: CUDA, or CPU under TRITON_INTERPRET=1
     return run_mimo(_forward, q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z,
-                    initial_state, return_final_state, C, outproj_norm_weight, outproj_norm_eps, cu_seqlens)
+                    initial_state, return_final_state, C, outproj_norm_weight, outproj_norm_eps, cu_seqlens,
+                    no_grad_slabs=FUSED_NO_GRAD_SLABS)
 
 
 def _forward(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, initial_state,
              return_final_state, C, norm_weight, eps, lengths):
     B, T, H, P = v.shape
     R, G, N = q.shape[2:]
+    tensors = [q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, norm_weight]
+    tensors += [] if initial_state is None else list(initial_state)
+    if T > 0 and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
+        return _fused_forward(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z,
+                              initial_state, return_final_state, C, norm_weight, eps, lengths)
     kd = torch.float32 if INTERPRET else v.dtype          # core matmul operand dtype
     f32 = lambda t: None if t is None else t.float()
     dt32, lam = f32(dt), torch.sigmoid(f32(trap))                                   # [B, T, H]
@@ -74,11 +88,7 @@ def _forward(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo
     del kh
     k_last = _last_token(kr, lengths) if return_final_state and T > 0 else None
 
-    S0 = None
-    if initial_state is not None and T > 0:
-        X_prev = psi * initial_state.v.float().unsqueeze(1)                          # [B, R, H, P]
-        S0 = initial_state.ssm.float() + ((1.0 - lam[:, 0]) * dt32[:, 0])[..., None, None] * torch.einsum(
-            "brhp,brhn->bhpn", X_prev, initial_state.k.float())
+    S0 = _entering_state(initial_state, psi, lam, dt32) if T > 0 else None
 
     # expanded sequence of T*R rows (row t*R + r); decay on the first row of each token
     Qx = qr.reshape(B, T * R, H, N).to(kd)
@@ -108,3 +118,34 @@ def _forward(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo
     if return_final_state:
         final = _final_state(S, theta, k_last, v, lengths, torch.float32, v.dtype, initial_state, R)
     return out.to(v.dtype), final
+
+
+def _entering_state(initial_state, psi, lam, dt32):
+    """Cache h plus the beta term of its last token, summed over ranks (decayed by alpha_0 inside
+    the kernels); psi [R, H, P], lam and dt32 [B, T, H] fp32. None without an initial state."""
+    if initial_state is None:
+        return None
+    X_prev = psi * initial_state.v.float().unsqueeze(1)                              # [B, R, H, P]
+    return (initial_state.ssm.float() + ((1.0 - lam[:, 0]) * dt32[:, 0])[..., None, None]
+            * torch.einsum("brhp,brhn->bhpn", X_prev, initial_state.k.float())).contiguous()
+
+
+def _fused_forward(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, initial_state,
+                   return_final_state, C, norm_weight, eps, lengths):
+    """Inference (no autograd): the fused Triton stages of triton_mimo_fwd.py."""
+    B, T, H, P = v.shape
+    R = q.shape[2]
+    S = angles.shape[-1]
+    kd = torch.float32 if INTERPRET else v.dtype
+    cont = lambda t: None if t is None else t.contiguous()
+    q, k, v, dA, dt, trap, angles, z = map(cont, (q, k, v, dA, dt, trap, angles, z))
+    a0 = None if initial_state is None else initial_state.angle
+    S0 = _entering_state(initial_state, mimo_x.float().transpose(0, 1), torch.sigmoid(trap[:, :1].float()),
+                         dt[:, :1].float())
+    out, ssm, final_angle = mamba3_mimo_fused_fwd(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z,
+                                                  mimo_o, D, z, a0, S0, C, norm_weight, eps, kd)
+    if not return_final_state:
+        return out, None
+    k_last = rotate_halves(heads_from_groups(_last_token(k, lengths), k_bias.float(), H), final_angle.unsqueeze(1))
+    theta = final_angle.unsqueeze(1).expand(B, T, H, S)        # every token reads as the last one's phase
+    return out, _final_state(ssm, theta, k_last, v, lengths, torch.float32, v.dtype, initial_state, R)
