@@ -269,6 +269,14 @@ def time_mimo(res, R=4):
             mamba3_mimo(*(xs[n] for n in MIMO_NAMES), impl="triton")
         torch.cuda.synchronize()
     row["fwd_kernels_ms"] = {e.key[:60]: e.device_time_total / 3e3 for e in prof.key_averages() if e.device_time_total}
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            for x in leaves.values():
+                x.grad = None
+            mamba3_mimo(*(leaves[n] for n in MIMO_NAMES), impl="triton")[0].backward(dy)
+        torch.cuda.synchronize()
+    row["fwdbwd_kernels_ms"] = {e.key[:60]: e.device_time_total / 3e3 for e in prof.key_averages()
+                                if e.device_time_total}
     siso = res["prefill"].get(f"{B}x{T}", {})
     if "ours_fwdbwd" in siso:
         row["ratio_to_siso_fwdbwd"] = row["mimo_fwdbwd"] / siso["ours_fwdbwd"]
@@ -276,7 +284,8 @@ def time_mimo(res, R=4):
     res["mimo"] = {f"R{R}_{B}x{T}": row}
     print(f"mimo R={R} {B}x{T}: " + " ".join(f"{k}={v:.3f}" for k, v in row.items() if isinstance(v, float)),
           flush=True)
-    print("mimo inference kernels:", {k: round(v, 4) for k, v in row["fwd_kernels_ms"].items()}, flush=True)
+    for key in ("fwd_kernels_ms", "fwdbwd_kernels_ms"):
+        print("mimo", key, {k: round(v, 4) for k, v in row[key].items()}, flush=True)
 
 
 def decode_inputs(B, state_dtype, seed=0):

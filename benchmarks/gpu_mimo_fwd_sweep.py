@@ -1,10 +1,13 @@
-"""Launch settings of the fused MIMO inference forward (triton_mimo_fwd.py), config A at 8x2048, R=4.
+"""Launch settings of the fused MIMO kernels (triton_mimo_fwd.py, triton_mimo_bwd.py), config A at
+8x2048, R=4.
 
     python benchmarks/gpu_mimo_fwd_sweep.py --out $OUT/gpu_mimo_fwd_sweep.json
+    python benchmarks/gpu_mimo_fwd_sweep.py --bwd --out $OUT/gpu_mimo_bwd_sweep.json
 
-Times the preparation kernel alone over (tokens per program, warps), then the whole no-grad
-forward over the epilogue's tokens per program (do_bench medians, ms). Correctness of the same
-path is checked by gpu_kernels.py --mimo (y_inference vs the fp32 chunked path).
+Forward: the preparation kernel alone over (tokens per program, warps), then the whole no-grad
+forward over the epilogue's tokens per program. --bwd: the whole fwd+bwd over the preparation
+backward's warps (do_bench medians, ms). Correctness of the same paths is checked by
+gpu_kernels.py --mimo (forward, inference forward and every gradient vs the fp32 chunked path).
 """
 from __future__ import annotations
 
@@ -27,10 +30,16 @@ from mamba3.ops.mamba3.triton_siso_fwd import chunk_start_phases  # noqa: E402
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/gpu_mimo_fwd_sweep.json")
+    ap.add_argument("--bwd", action="store_true")
     a = ap.parse_args()
     xs = gk.mimo_inputs(8, 2048, 4)
     res = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                shape="8x2048 R=4", ms={})
+    if a.bwd:
+        sweep_bwd(xs, res)
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+        return
     warps, tokens = mf.MIMO_PREP_WARPS, mf.MIMO_OUT_TOKENS
     for rows in (8, 16):
         th0, _ = chunk_start_phases(xs["dt"], xs["angles"], None, rows)
@@ -49,6 +58,20 @@ def main():
     print({k: round(v, 4) for k, v in res["ms"].items()}, flush=True)
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)
+
+
+def sweep_bwd(xs, res):
+    import mamba3.ops.mamba3.triton_mimo_bwd as mb
+    leaves = {n: x.clone().requires_grad_(True) for n, x in xs.items()}
+    dy = torch.randn_like(xs["v"])
+    default = mb.MIMO_PREP_BWD_WARPS
+    for nw in (1, 2, 4, 8):
+        mb.MIMO_PREP_BWD_WARPS = nw
+        res["ms"][f"fwdbwd_prep_bwd_warps{nw}"] = do_bench(
+            lambda: mamba3_mimo(*(leaves[n] for n in gk.MIMO_NAMES), impl="triton")[0].backward(dy),
+            grad_to_none=list(leaves.values()), return_mode="median")
+        print(nw, res["ms"][f"fwdbwd_prep_bwd_warps{nw}"], flush=True)
+    mb.MIMO_PREP_BWD_WARPS = default
 
 
 if __name__ == "__main__":

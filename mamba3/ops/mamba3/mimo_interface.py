@@ -14,8 +14,9 @@ from .mimo_reference import mamba3_mimo_reference, mamba3_mimo_step_reference
 
 MIMO_IMPLS = ("auto", "reference", "chunked", "triton")
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# SSD-core kernels the Triton MIMO path launches (tile CHUNK = chunk_size * R rows)
-MIMO_TRITON_KERNELS_FWD = ("chunk_state", "chunk_out")
+# SSD-core kernels the Triton MIMO path launches (tile CHUNK = chunk_size * R rows); its preparation
+# and epilogue kernels have no dots (a few fp32 tiles of scratch at most)
+MIMO_TRITON_KERNELS_FWD = ("group_state", "group_out")
 MIMO_TRITON_KERNELS_BWD = ("chunk_dstate", "chunk_bwd")
 
 
@@ -54,12 +55,13 @@ def _auto_picks_triton(q: Tensor, v: Tensor, chunk_size: int, tensors) -> bool:
     if not triton_available(v.device):
         return False
     try:
-        from ..triton_utils import analytic_smem, device_smem_limit
+        from ..triton_utils import analytic_smem, device_smem_limit, group_stages
         backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
         names = MIMO_TRITON_KERNELS_FWD + (MIMO_TRITON_KERNELS_BWD if backward else ())
         dtype = torch.float32 if v.dtype == torch.float32 else torch.bfloat16
         limit = device_smem_limit(v.device)
-        return all(analytic_smem(n, chunk_size * R, N, P, dtype) <= limit for n in names)
+        stages = group_stages(dtype, limit)
+        return all(analytic_smem(n, chunk_size * R, N, P, dtype, stages) <= limit for n in names)
     except Exception:  # no accounting available: keep the kernels
         return True
 

@@ -173,15 +173,17 @@ def mimo_out(yc, v, mimo_x, W, z, mimo_z, mimo_o, norm_weight, eps):
 
 
 def mamba3_mimo_fused_fwd(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, a0, S0,
-                          chunk_size, norm_weight, eps, dot_dtype):
+                          chunk_size, norm_weight, eps, dot_dtype, save=False):
     """The phases and the three stages on contiguous inputs (a0 the initial phase [B, H, S] or None;
     S0 the entering state [B, H, P, N] fp32 or None). Returns (out [B, T, H, P] in v's dtype, final
-    state [B, H, P, N] fp32, final phase [B, H, S] fp32)."""
+    state [B, H, P, N] fp32, final phase [B, H, S] fp32, saved): saved = (th0, QS, KS, X, W, core
+    rows, entering chunk states, chunk decays) for the backward when ``save``, else None."""
     B, T, H, P = v.shape
     R = q.shape[2]
     th0, final_angle = chunk_start_phases(dt, angles, a0, MIMO_PREP_ROWS)
     QS, KS, X, W = mimo_prep(q, k, v, dt, trap, q_bias, k_bias, angles, mimo_x, D, th0, MIMO_PREP_ROWS, dot_dtype)
     dAx = F.pad(dA.float().unsqueeze(2), (0, 0, 0, R - 1)).reshape(B, T * R, H)
-    yc, _, _, _, final = ssd_group_fwd(QS, KS, X, dAx, None, None, S0, chunk_size * R, out_dtype=dot_dtype)
-    del QS, KS, X
-    return mimo_out(yc, v, mimo_x, W, z, mimo_z, mimo_o, norm_weight, eps), final, final_angle
+    yc, _, states, dec, final = ssd_group_fwd(QS, KS, X, dAx, None, None, S0, chunk_size * R, out_dtype=dot_dtype,
+                                              save=save)
+    out = mimo_out(yc, v, mimo_x, W, z, mimo_z, mimo_o, norm_weight, eps)
+    return out, final, final_angle, ((th0, QS, KS, X, W, yc, states, dec) if save else None)

@@ -26,35 +26,10 @@ from torch import Tensor
 
 from .common import Mamba3State, expand_groups, rotate_interleaved, siso_varlen
 from .triton_siso_bwd import gate_bwd, phase_dt_bwd, prep_bwd, ssd_core_bwd
-from .triton_siso_fwd import INTERPRET, chunk_start_phases, mamba3_fused_fwd, prep_rows, ssd_core_fwd
+from .triton_siso_fwd import INTERPRET, chunk_start_phases, mamba3_fused_fwd, prep_rows
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 QK_GRADS_16BIT = True  # the core backward hands d(rotated q), d(scaled k) to the prep backward in bf16/fp16
-
-
-class SSDCoreFn(torch.autograd.Function):
-    """(Q, K [B,T,H,N], V [B,T,H,P], dA [B,T,H] fp32, S0 [B,H,P,N] fp32 | None) ->
-    (y [B,T,H,P] fp32, final state [B,H,P,N] fp32); see triton_siso_fwd.py for the math."""
-
-    @staticmethod
-    def forward(ctx, Q, K, V, dA, S0, chunk_size):
-        Q, K, V, dA = (t.contiguous() for t in (Q, K, V, dA))
-        S0c = None if S0 is None else S0.float().contiguous()
-        y, states, dec, final = ssd_core_fwd(Q, K, V, dA, S0c, chunk_size)
-        ctx.save_for_backward(Q, K, V, dA, states, dec)
-        ctx.chunk_size = chunk_size
-        ctx.has_s0 = S0 is not None
-        return y, final
-
-    @staticmethod
-    def backward(ctx, dy, dfinal):
-        Q, K, V, dA, states, dec = ctx.saved_tensors
-        if dy is None:
-            dy = torch.zeros(V.shape, device=V.device, dtype=Q.dtype)
-        dy = dy.to(Q.dtype).contiguous()
-        dsf = None if dfinal is None else dfinal.float().contiguous()
-        dQ, dK, dV, ddA, dS0 = ssd_core_bwd(Q, K, V, dA, dy, states, dec, dsf, ctx.chunk_size)
-        return dQ, dK, dV, ddA, (dS0 if ctx.has_s0 else None), None
 
 
 def check_triton_inputs(chunk_size: int, tensors) -> None:
