@@ -17,9 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_mimo_fwd import _biased_halves
-from .triton_siso_bwd import phase_dt_bwd, ssd_core_bwd
-from .triton_siso_fwd import _cos_sin, _row_coeffs, _row_phase, _tanh, nonempty
+from .triton_mimo_fwd import _biased_halves, _rank_output, _rank_rows, _token_block
+from .triton_siso_bwd import _head_rotation, _shared_rate, phase_dt_bwd, ssd_core_bwd
+from .triton_siso_fwd import _row_coeffs, nonempty
 
 MIMO_BWD_TOKENS = 16   # tokens per program of the epilogue and X backward kernels
 
@@ -30,17 +30,8 @@ def _mimo_out_bwd_kernel(DOUT, YC, V, PSI, W, Z, MZ, MO, NW, DYC, DW, DZ, DMO, D
                          BLOCK_P: tl.constexpr):
     """TOK tokens of one (batch, head). Partials DMO, DMZ [B*npt, H, R, P] and DNW [B*npt, H, P]
     (fp32, one row per program: summed over tokens) ; DYC rows [B, T*R, H, P]; DW fp32."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    t = pid * TOK + tl.arange(0, TOK)
-    tm = t < T
-    p = tl.arange(0, BLOCK_P)
-    pm = p < P
-    m = tm[:, None] & pm[None, :]
-    row = ((b * T + t) * H + h).to(tl.int64)
-    part = (b * npt + pid) * H + h
+    b, h, t, tm, p, pm, m, row = _token_block(T, H, P, TOK, BLOCK_P)
+    part = (b * npt + tl.program_id(0)) * H + h
     x = tl.load(V + row[:, None] * P + p[None, :], mask=m, other=0.0).to(tl.float32)
     dout = tl.load(DOUT + row[:, None] * P + p[None, :], mask=m, other=0.0).to(tl.float32)
     if HAS_Z:
@@ -50,12 +41,8 @@ def _mimo_out_bwd_kernel(DOUT, YC, V, PSI, W, Z, MZ, MO, NW, DYC, DW, DZ, DMO, D
         nw = tl.load(NW + h * P + p, mask=pm, other=0.0).to(tl.float32)[None, :]
         dnw = tl.zeros([BLOCK_P], dtype=tl.float32)
     for r in tl.static_range(R):
-        yrow = (((b * T + t) * R + r) * H + h).to(tl.int64)
-        y = tl.load(YC + yrow[:, None] * P + p[None, :], mask=m, other=0.0).to(tl.float32)
-        for j in tl.static_range(R):
-            w = tl.load(W + row * R * R + r * R + j, mask=tm, other=0.0)
-            psi = tl.load(PSI + (h * R + j) * P + p, mask=pm, other=0.0).to(tl.float32)
-            y += w[:, None] * psi[None, :] * x
+        yrow = _rank_rows(b, t, r, h, T, H, R)
+        y = _rank_output(YC, W, PSI, x, b, t, r, h, T, H, P, row, p, tm, pm, m, R)
         yn = y
         if HAS_NORM:
             rs = 1.0 / tl.sqrt(tl.sum(y * y, axis=1) / P + eps)
@@ -97,24 +84,15 @@ def _mimo_x_bwd_kernel(DXC, DYC, W, V, PSI, DX, DPSI, T, H, P, npt,
                        R: tl.constexpr, TOK: tl.constexpr, BLOCK_P: tl.constexpr):
     """dX[j] = DXC[j] + sum_r W[r, j] DYC[r] (rows [B, T*R, H, P]); DX [B, T, H, P] = sum_j psi_j
     dX[j]; DPSI [B*npt, H, R, P] fp32 partials of sum_t dX[j] x."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    t = pid * TOK + tl.arange(0, TOK)
-    tm = t < T
-    p = tl.arange(0, BLOCK_P)
-    pm = p < P
-    m = tm[:, None] & pm[None, :]
-    row = ((b * T + t) * H + h).to(tl.int64)
-    part = (b * npt + pid) * H + h
+    b, h, t, tm, p, pm, m, row = _token_block(T, H, P, TOK, BLOCK_P)
+    part = (b * npt + tl.program_id(0)) * H + h
     x = tl.load(V + row[:, None] * P + p[None, :], mask=m, other=0.0).to(tl.float32)
     dx = tl.zeros([TOK, BLOCK_P], dtype=tl.float32)
     for j in tl.static_range(R):
-        jrow = (((b * T + t) * R + j) * H + h).to(tl.int64)
+        jrow = _rank_rows(b, t, j, h, T, H, R)
         dxj = tl.load(DXC + jrow[:, None] * P + p[None, :], mask=m, other=0.0).to(tl.float32)
         for r in tl.static_range(R):
-            rrow = (((b * T + t) * R + r) * H + h).to(tl.int64)
+            rrow = _rank_rows(b, t, r, h, T, H, R)
             w = tl.load(W + row * R * R + r * R + j, mask=tm, other=0.0)
             dxj += w[:, None] * tl.load(DYC + rrow[:, None] * P + p[None, :], mask=m, other=0.0).to(tl.float32)
         psi = tl.load(PSI + (h * R + j) * P + p, mask=pm, other=0.0).to(tl.float32)
@@ -153,19 +131,14 @@ def _mimo_prep_bwd_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, dQS, dKS, DW, DQ, DK
     acc_kl = tl.zeros([ROWS, BLOCK_N2], dtype=tl.float32)
     acc_kh = tl.zeros([ROWS, BLOCK_N2], dtype=tl.float32)
     acc_ang = tl.zeros([ROWS, BLOCK_N2], dtype=tl.float32)
+    shared = acc_ang
     if not ANG_PER_HEAD:   # shared by the heads: the rate once per program
-        rate = 3.141592653589793 * _tanh(tl.load(ANG + b * sab + t[:, None] * sat + i[None, :],
-                                                 mask=tm[:, None] & rot[None, :], other=0.0).to(tl.float32))
+        shared = _shared_rate(ANG, b, t, T, S, sab, sat, BLOCK_N2)
     for hl in range(HG):
         h = g * HG + hl
         dt, gamma, cs = _row_coeffs(DT, TRAP, b, h, t, T, sdb, sdt, sdh)
-        start = tl.load(TH0 + ((b * H + h) * nblk + blk) * S + i, mask=rot, other=0.0)
-        if ANG_PER_HEAD:
-            cos, sin, rate = _row_phase(ANG, dt, b, h, t, T, S, sab, sat, sah, start, BLOCK_N2)
-        else:
-            cos, sin = _cos_sin(start[None, :] + tl.cumsum(dt[:, None] * rate, axis=0))
-            cos = tl.where(rot[None, :], cos, 1.0)
-            sin = tl.where(rot[None, :], sin, 0.0)
+        cos, sin, rate = _head_rotation(ANG, TH0, dt, shared, b, h, t, T, S, H, nblk, blk, sab, sat, sah,
+                                        ANG_PER_HEAD, BLOCK_N2)
         qlo, qhi = _biased_halves(Q, QB, b, t, r, g, h, T, half, sqb, sqt, sqr, sqg, R, BLOCK_N2)
         klo, khi = _biased_halves(K, KB, b, t, r, g, h, T, half, sqb, sqt, sqr, sqg, R, BLOCK_N2)
         off = ((bt[:, None] * R + r) * H + h) * N + i[None, :]

@@ -92,12 +92,9 @@ def _mimo_prep_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, Dp, V, PSI, QS, KS, X, W
 
 
 @triton.jit
-def _mimo_out_kernel(YC, V, PSI, W, Z, MZ, MO, NW, OUT, T, H, P, eps,
-                     HAS_Z: tl.constexpr, HAS_NORM: tl.constexpr, R: tl.constexpr, TOK: tl.constexpr,
-                     BLOCK_P: tl.constexpr):
-    """TOK tokens of one (batch, head): out = sum_r phi_r gate_r(norm(core_r + sum_j W[r, j] psi_j x)).
-    YC [B, T*R, H, P] (the core, in the operands' dtype); V, Z, OUT [B, T, H, P]; W [B, T, H, R, R] fp32; PSI, MZ, MO
-    [H, R, P] (mimo_x, mimo_z, mimo_o); NW [H, P]; all contiguous."""
+def _token_block(T, H, P, TOK: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Program (token block, batch*head) of the [B, T, H, P] kernels: (b, h, t, token mask, p, p
+    mask, tile mask, row index (b T + t) H + h as int64)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -106,19 +103,40 @@ def _mimo_out_kernel(YC, V, PSI, W, Z, MZ, MO, NW, OUT, T, H, P, eps,
     tm = t < T
     p = tl.arange(0, BLOCK_P)
     pm = p < P
-    m = tm[:, None] & pm[None, :]
-    row = ((b * T + t) * H + h).to(tl.int64)
+    return b, h, t, tm, p, pm, tm[:, None] & pm[None, :], ((b * T + t) * H + h).to(tl.int64)
+
+
+@triton.jit
+def _rank_rows(b, t, r, h, T, H, R: tl.constexpr):
+    """int64 row of (token t, rank r) in the [B, T*R, H, .] tensors."""
+    return (((b * T + t) * R + r) * H + h).to(tl.int64)
+
+
+@triton.jit
+def _rank_output(YC, W, PSI, x, b, t, r, h, T, H, P, row, p, tm, pm, m, R: tl.constexpr):
+    """Y[r] = core[r] + sum_j W[r, j] psi_j x, [TOK, BLOCK_P] fp32."""
+    y = tl.load(YC + _rank_rows(b, t, r, h, T, H, R)[:, None] * P + p[None, :], mask=m, other=0.0).to(tl.float32)
+    for j in tl.static_range(R):
+        w = tl.load(W + row * R * R + r * R + j, mask=tm, other=0.0)
+        psi = tl.load(PSI + (h * R + j) * P + p, mask=pm, other=0.0).to(tl.float32)
+        y += w[:, None] * psi[None, :] * x
+    return y
+
+
+@triton.jit
+def _mimo_out_kernel(YC, V, PSI, W, Z, MZ, MO, NW, OUT, T, H, P, eps,
+                     HAS_Z: tl.constexpr, HAS_NORM: tl.constexpr, R: tl.constexpr, TOK: tl.constexpr,
+                     BLOCK_P: tl.constexpr):
+    """TOK tokens of one (batch, head): out = sum_r phi_r gate_r(norm(core_r + sum_j W[r, j] psi_j x)).
+    YC [B, T*R, H, P] (the core, in the operands' dtype); V, Z, OUT [B, T, H, P]; W [B, T, H, R, R] fp32; PSI, MZ, MO
+    [H, R, P] (mimo_x, mimo_z, mimo_o); NW [H, P]; all contiguous."""
+    b, h, t, tm, p, pm, m, row = _token_block(T, H, P, TOK, BLOCK_P)
     x = tl.load(V + row[:, None] * P + p[None, :], mask=m, other=0.0).to(tl.float32)
     if HAS_Z:
         z = tl.load(Z + row[:, None] * P + p[None, :], mask=m, other=0.0).to(tl.float32)
     acc = tl.zeros([TOK, BLOCK_P], dtype=tl.float32)
     for r in tl.static_range(R):
-        yrow = (((b * T + t) * R + r) * H + h).to(tl.int64)
-        y = tl.load(YC + yrow[:, None] * P + p[None, :], mask=m, other=0.0).to(tl.float32)
-        for j in tl.static_range(R):
-            w = tl.load(W + row * R * R + r * R + j, mask=tm, other=0.0)
-            psi = tl.load(PSI + (h * R + j) * P + p, mask=pm, other=0.0).to(tl.float32)
-            y += w[:, None] * psi[None, :] * x
+        y = _rank_output(YC, W, PSI, x, b, t, r, h, T, H, P, row, p, tm, pm, m, R)
         if HAS_NORM:
             ms = tl.sum(y * y, axis=1) / P
             y = y * (1.0 / tl.sqrt(ms + eps))[:, None] * tl.load(NW + h * P + p, mask=pm, other=0.0).to(

@@ -428,6 +428,31 @@ def phase_dt_bwd(dtot, ddt_loc, dang_loc, angles, dgamma, dcs, trap, dt, rows, d
 
 
 @triton.jit
+def _shared_rate(ANG, b, t, T, S, sab, sat, BLOCK_N2: tl.constexpr):
+    """pi tanh(angles) [ROWS, BLOCK_N2] at rows t for angles shared by the heads (0 past S and T)."""
+    i = tl.arange(0, BLOCK_N2)
+    raw = tl.load(ANG + b * sab + t[:, None] * sat + i[None, :], mask=(t[:, None] < T) & (i[None, :] < S), other=0.0)
+    return 3.141592653589793 * _tanh(raw.to(tl.float32))
+
+
+@triton.jit
+def _head_rotation(ANG, TH0, dt, rate, b, h, t, T, S, H, nblk, blk, sab, sat, sah,
+                   ANG_PER_HEAD: tl.constexpr, BLOCK_N2: tl.constexpr):
+    """cos, sin [ROWS, BLOCK_N2] of head h's phase at rows t of block blk (TH0 [B, H, nblk, S]: the
+    phase entering each block) and the rate: loaded here for per-head angles, else ``rate``."""
+    i = tl.arange(0, BLOCK_N2)
+    rot = i < S
+    start = tl.load(TH0 + ((b * H + h) * nblk + blk) * S + i, mask=rot, other=0.0)
+    if ANG_PER_HEAD:
+        cos, sin, rate = _row_phase(ANG, dt, b, h, t, T, S, sab, sat, sah, start, BLOCK_N2)
+    else:
+        cos, sin = _cos_sin(start[None, :] + tl.cumsum(dt[:, None] * rate, axis=0))
+        cos = tl.where(rot[None, :], cos, 1.0)
+        sin = tl.where(rot[None, :], sin, 0.0)
+    return cos, sin, rate
+
+
+@triton.jit
 def _prep_bwd_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, dQ, dK, DSKIP, DQ, DK, DTOT, DDTL, DANGL, DCS, DGAM, DQB,
                      DKB, B, T, H, G, nblk, N, S, sqb, sqt, sqg, sdb, sdt, sdh, sab, sat, sah,
                      ANG_PER_HEAD: tl.constexpr, HG: tl.constexpr, HSPLIT: tl.constexpr, ROWS: tl.constexpr,
@@ -463,19 +488,14 @@ def _prep_bwd_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, dQ, dK, DSKIP, DQ, DK, DT
     acc_ke = tl.zeros([ROWS, BLOCK_N2], dtype=tl.float32)
     acc_ko = tl.zeros([ROWS, BLOCK_N2], dtype=tl.float32)
     acc_ang = tl.zeros([ROWS, BLOCK_N2], dtype=tl.float32)
+    shared = acc_ang
     if not ANG_PER_HEAD:   # shared by the heads: the rate once per program
-        rate = 3.141592653589793 * _tanh(tl.load(ANG + b * sab + t[:, None] * sat + i[None, :],
-                                                 mask=tm[:, None] & rot[None, :], other=0.0).to(tl.float32))
+        shared = _shared_rate(ANG, b, t, T, S, sab, sat, BLOCK_N2)
     for hl in range(HPS):
         h = g * HG + sp * HPS + hl
         dt, gamma, cs = _row_coeffs(DT, TRAP, b, h, t, T, sdb, sdt, sdh)
-        start = tl.load(TH0 + ((b * H + h) * nblk + blk) * S + i, mask=rot, other=0.0)
-        if ANG_PER_HEAD:
-            cos, sin, rate = _row_phase(ANG, dt, b, h, t, T, S, sab, sat, sah, start, BLOCK_N2)
-        else:
-            cos, sin = _cos_sin(start[None, :] + tl.cumsum(dt[:, None] * rate, axis=0))
-            cos = tl.where(rot[None, :], cos, 1.0)
-            sin = tl.where(rot[None, :], sin, 0.0)
+        cos, sin, rate = _head_rotation(ANG, TH0, dt, shared, b, h, t, T, S, H, nblk, blk, sab, sat, sah,
+                                        ANG_PER_HEAD, BLOCK_N2)
         qe, qo = _biased_pairs(Q, QB, b, g, h, t, T, N, sqb, sqt, sqg, BLOCK_N2)
         ke, ko = _biased_pairs(K, KB, b, g, h, t, T, N, sqb, sqt, sqg, BLOCK_N2)
         row = ((b * T + t) * H + h) * N

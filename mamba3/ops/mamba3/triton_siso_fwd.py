@@ -7,13 +7,13 @@ trapezoid scale already applied):
     S_{c+1} = exp(ell_last) S_c + sum_s exp(ell_last - ell_s) V_s K_s^T        (S_0 = initial)
 
 with ell the inclusive within-chunk cumsum of dA. Two layouts:
-  * chunk groups (``ssd_group_fwd``; the Mamba-3 SISO forward ``mamba3_fused_fwd`` and so Mamba-2):
+  * chunk groups (``ssd_group_fwd``; the Mamba-3 SISO forward ``mamba3_fused_fwd`` and so Mamba-2,
+    and the MIMO forward on T*R rows):
     the state is carried in registers through the chunks of a group; when batch x heads is too
     small to fill the GPU, a pre-pass builds each group's local end state and a scan over groups
     gives the entering states. Before it, ``chunk_start_phases`` (two launches) and
     ``_prep_qk_kernel`` (grid (chunks, B*H)) prepare the per-head rotated q, k and the skip term.
-  * chunk-parallel, three launches (``ssd_core_fwd``; the MIMO path on T*R rows, whose backward
-    needs every chunk state anyway):
+  * chunk-parallel, three launches (``ssd_core_fwd``; the ``mamba3::siso_fwd`` custom op):
     1. _chunk_state_kernel  grid (chunks, B*H):   chunk-local state of every chunk
     2. _state_scan_kernel   grid (P*N blocks, B*H): short sequential pass over chunk states,
        overwriting each local state with the state entering its chunk; final state in fp32
