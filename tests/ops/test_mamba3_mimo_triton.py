@@ -130,6 +130,28 @@ def test_inference_forward_fused_kernels_match_fp64_reference(R, chunk, G, H, no
         assert a.shape == b.shape and rel(a, b) < 1e-4, f"final.{name}"
 
 
+def test_gradient_through_final_phase_and_key():
+    """The final state's angle and k [B, R, H, N] are differentiable (dt, angles, k, k_bias and the
+    initial phase vs float64)."""
+    x = make_inputs(T=13, R=2, seed=53)
+    st = make_state(2, 2, seed=54)
+    leaves = {n: t.clone().requires_grad_(True) for n, t in x.items()}
+    l64 = {n: t.requires_grad_(True) for n, t in to64(leaves).items()}
+    a0, a64 = st.angle.clone().to(DEV).requires_grad_(True), st.angle.double().requires_grad_(True)
+    _, fin = run(mamba3_mimo, leaves, initial_state=Mamba3State(a0, *(t.to(DEV) for t in st[1:])),
+                 return_final_state=True, chunk_size=8, impl="triton")
+    _, fin64 = run(mamba3_mimo_reference, l64, initial_state=Mamba3State(a64, *(t.double() for t in st[1:])),
+                   return_final_state=True)
+    g = torch.Generator().manual_seed(55)
+    da = torch.randn(fin64.angle.shape, generator=g, dtype=torch.float64)
+    dk = torch.randn(fin64.k.shape, generator=g, dtype=torch.float64)
+    ((fin64.angle * da).sum() + (fin64.k * dk).sum()).backward()
+    ((fin.angle * da.to(fin.angle)).sum() + (fin.k * dk.to(fin.k)).sum()).backward()
+    assert rel(a0.grad, a64.grad) < 1e-4
+    for n in ("dt", "angles", "k", "k_bias"):
+        assert rel(leaves[n].grad, l64[n].grad) < 1e-4, n
+
+
 @pytest.mark.parametrize("split", [5, 8])          # chunk 8: inside a chunk and on its boundary
 def test_prefix_plus_continuation_equals_whole(split):
     x = make_inputs(T=13, R=2, norm=True, seed=3)

@@ -182,6 +182,27 @@ def test_state_gradient_walk_matches_reference(monkeypatch, P, final_grad):
         assert rel(leaves[n].grad, x64[n].grad) < 1e-4, n
 
 
+@pytest.mark.parametrize("per_head", [False, True])
+def test_gradient_through_final_phase_and_key(per_head):
+    """The final state's angle and k (the phase after the last token and the last rotated key) are
+    differentiable: dt, angles, k, k_bias and the initial phase get their share (vs float64)."""
+    xs = make_inputs(B=2, T=29, H=2, N=16, P=8, S=4, per_head_angles=per_head, seed=51)
+    init = make_state(2, 2, 8, 16, 4, seed=52)
+    leaves = {n: t.clone().requires_grad_(True) for n, t in xs.items()}
+    x64 = {n: t.detach().double().cpu().requires_grad_(True) for n, t in xs.items()}
+    a0, a64 = init.angle.clone().requires_grad_(True), init.angle.double().cpu().requires_grad_(True)
+    _, fin = mamba3_siso_triton(*(leaves[n] for n in NAMES), initial_state=init._replace(angle=a0),
+                                return_final_state=True, chunk_size=16)
+    _, fin64 = mamba3_siso_reference(*(x64[n] for n in NAMES), return_final_state=True, initial_state=Mamba3State(
+        a64, *(t.double().cpu() for t in init[1:])))
+    da, dk = torch.randn_like(fin64.angle), torch.randn_like(fin64.k)
+    ((fin64.angle * da).sum() + (fin64.k * dk).sum()).backward()
+    ((fin.angle * da.to(fin.angle)).sum() + (fin.k * dk.to(fin.k)).sum()).backward()
+    assert rel(a0.grad, a64.grad) < 1e-4
+    for n in ("dt", "angles", "k", "k_bias"):
+        assert rel(leaves[n].grad, x64[n].grad) < 1e-4, n
+
+
 @pytest.mark.parametrize("target", [1, 4, 10**6])
 def test_chunk_group_layouts_match_reference(monkeypatch, target):
     """One group (state carried through every chunk), a few groups (pre-pass + group scan, a

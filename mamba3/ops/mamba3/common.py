@@ -61,6 +61,40 @@ def angle_increments(dt: Tensor, angles: Tensor) -> Tensor:
     return dt.unsqueeze(-1) * rate
 
 
+class _FinalPhase(torch.autograd.Function):
+    """Gives a final phase computed without autograd (the Triton phase kernels) the gradient of
+    theta_T = a0 + sum_t dt_t pi tanh(angles_t) (mod 2 pi: derivative 1)."""
+
+    @staticmethod
+    def forward(ctx, value, dt, angles, a0):
+        ctx.save_for_backward(dt, angles)
+        ctx.a0_dtype = None if a0 is None else a0.dtype
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, g):
+        dt, angles = ctx.saved_tensors
+        g = g.float()
+        th = torch.tanh(angles.float())
+        if angles.dim() == 3:                                  # shared by the heads: g [B, H, S]
+            ddt = math.pi * torch.einsum("bts,bhs->bth", th, g)
+            dang = math.pi * (1 - th * th) * torch.einsum("bth,bhs->bts", dt.float(), g)
+        else:
+            ddt = math.pi * (th * g.unsqueeze(1)).sum(-1)
+            dang = math.pi * (1 - th * th) * dt.float().unsqueeze(-1) * g.unsqueeze(1)
+        return (None, ddt.to(dt.dtype), dang.to(angles.dtype),
+                None if ctx.a0_dtype is None else g.to(ctx.a0_dtype))
+
+
+def differentiable_final_phase(value: Tensor, dt: Tensor, angles: Tensor, a0: Optional[Tensor]) -> Tensor:
+    """``value`` (the final phase [B, H, S]) with the gradient it has as a function of dt [B, T, H],
+    angles ([B, T, S] or [B, T, H, S]) and the initial phase a0 [B, H, S] (or None), when autograd
+    needs it; else ``value`` itself."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (dt, angles, a0)):
+        return _FinalPhase.apply(value, dt, angles, a0)
+    return value
+
+
 def cumulative_angles(inc: Tensor, initial: Optional[Tensor] = None, block: int = 256) -> Tensor:
     """Inclusive cumulative sum of phase increments along time, reduced mod 2*pi.
 

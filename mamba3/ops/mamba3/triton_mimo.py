@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .common import Mamba3State, rotate_halves
+from .common import Mamba3State, differentiable_final_phase, rotate_halves
 from .mimo_chunked import _final_state, _last_token, run_mimo
 from .mimo_interface import check_mimo_triton_inputs
 from .mimo_reference import heads_from_groups
@@ -93,6 +93,7 @@ def _forward(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo
                                          D, z, norm_weight, a0, S0, C, eps, train)
     if not return_final_state:
         return out, None
+    final_angle = differentiable_final_phase(final_angle, dt, angles, a0)
     k_last = rotate_halves(heads_from_groups(_last_token(k, lengths), k_bias.float(), H), final_angle.unsqueeze(1))
     theta = final_angle.unsqueeze(1).expand(B, T, H, S)        # every token reads as the last one's phase
     return out, _final_state(ssm, theta, k_last, v, lengths, torch.float32, v.dtype, initial_state, R)
@@ -100,8 +101,8 @@ def _forward(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo
 
 class MimoFn(torch.autograd.Function):
     """Fused Triton MIMO forward (saves the prepared rows, the same-time block, the core output and
-    the entering chunk states) and its Triton backward. The final phase is not differentiable (as
-    in the SISO kernels)."""
+    the entering chunk states) and its Triton backward. The final phase it returns carries no
+    gradient here: _forward attaches it (common.differentiable_final_phase)."""
 
     @staticmethod
     def forward(ctx, q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo_o, D, z, norm_weight, a0,

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import Mamba3State, expand_groups, rotate_interleaved, siso_varlen
+from .common import Mamba3State, differentiable_final_phase, expand_groups, rotate_interleaved, siso_varlen
 from .triton_siso_bwd import gate_bwd, phase_dt_bwd, prep_bwd, ssd_core_bwd
 from .triton_siso_fwd import INTERPRET, chunk_start_phases, mamba3_fused_fwd, prep_rows
 
@@ -93,6 +93,7 @@ def _forward(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state,
                               chunk_size, train)
     if not return_final_state:
         return y, None
+    final_angle = differentiable_final_phase(final_angle, dt, angles, a0)
     rows = torch.arange(B, device=v.device)
     idx = torch.full((B,), T - 1, device=v.device, dtype=torch.long) if lengths is None \
         else (lengths - 1).clamp(min=0)
