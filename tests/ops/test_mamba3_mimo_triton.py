@@ -152,6 +152,17 @@ def test_gradient_through_final_phase_and_key():
         assert rel(leaves[n].grad, l64[n].grad) < 1e-4, n
 
 
+def test_empty_sequence_passes_the_state_through():
+    x = slice_t(make_inputs(T=5, R=2, seed=56), 0, 0)
+    st = Mamba3State(*(t.to(DEV) for t in make_state(2, 2, seed=57)))
+    y, s = run(mamba3_mimo, x, initial_state=st, return_final_state=True, chunk_size=8, impl="triton")
+    assert y.shape == (2, 0, 2, 8)
+    for name, a, b in zip(Mamba3State._fields, s, st):
+        torch.testing.assert_close(a.float(), b.float(), msg=f"state.{name}")
+    _, s = run(mamba3_mimo, x, return_final_state=True, chunk_size=8, impl="triton")
+    assert all(float(t.abs().sum()) == 0 for t in s) and s.k.shape == (2, 2, 2, 16)
+
+
 @pytest.mark.parametrize("split", [5, 8])          # chunk 8: inside a chunk and on its boundary
 def test_prefix_plus_continuation_equals_whole(split):
     x = make_inputs(T=13, R=2, norm=True, seed=3)

@@ -168,8 +168,8 @@ def test_state_gradient_walk_matches_reference(monkeypatch, P, final_grad):
     x64, y_ref, fin_ref = reference64(xs, initial_state=init)
     ssm0 = init.ssm.clone().requires_grad_(True)
     ssm64 = init.ssm.double().cpu().requires_grad_(True)
-    y_ref, fin_ref = mamba3_siso_reference(*(x64[n] for n in NAMES), return_final_state=True,
-                                           initial_state=Mamba3State(*(t.double().cpu() for t in init))._replace(ssm=ssm64))
+    init64 = Mamba3State(*(t.double().cpu() for t in init))._replace(ssm=ssm64)
+    y_ref, fin_ref = mamba3_siso_reference(*(x64[n] for n in NAMES), return_final_state=True, initial_state=init64)
     leaves = {n: t.clone().requires_grad_(True) for n, t in xs.items()}
     y, fin = mamba3_siso_triton(*(leaves[n] for n in NAMES), initial_state=init._replace(ssm=ssm0),
                                 return_final_state=True, chunk_size=16)

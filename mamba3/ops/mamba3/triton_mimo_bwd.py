@@ -21,7 +21,9 @@ from .triton_mimo_fwd import _biased_halves, _rank_output, _rank_rows, _token_bl
 from .triton_siso_bwd import _head_rotation, _shared_rate, phase_dt_bwd, ssd_core_bwd
 from .triton_siso_fwd import _row_coeffs, nonempty
 
-MIMO_BWD_TOKENS = 16   # tokens per program of the epilogue and X backward kernels
+MIMO_BWD_TOKENS = 16      # tokens per program of the epilogue and X backward kernels
+MIMO_PREP_BWD_WARPS = 4   # H100, 8x2048, R=4 fwd+bwd (gpu_mimo_fwd_sweep.py --bwd): 1: 24.4 ms, 2: 13.4, 4: 11.7,
+                          # 8: 13.9
 
 
 @triton.jit
@@ -29,7 +31,7 @@ def _mimo_out_bwd_kernel(DOUT, YC, V, PSI, W, Z, MZ, MO, NW, DYC, DW, DZ, DMO, D
                          HAS_Z: tl.constexpr, HAS_NORM: tl.constexpr, R: tl.constexpr, TOK: tl.constexpr,
                          BLOCK_P: tl.constexpr):
     """TOK tokens of one (batch, head). Partials DMO, DMZ [B*npt, H, R, P] and DNW [B*npt, H, P]
-    (fp32, one row per program: summed over tokens) ; DYC rows [B, T*R, H, P]; DW fp32."""
+    (fp32, one row per program: summed over tokens); DYC rows [B, T*R, H, P]; DW fp32."""
     b, h, t, tm, p, pm, m, row = _token_block(T, H, P, TOK, BLOCK_P)
     part = (b * npt + tl.program_id(0)) * H + h
     x = tl.load(V + row[:, None] * P + p[None, :], mask=m, other=0.0).to(tl.float32)
@@ -257,7 +259,8 @@ def mimo_prep_bwd(q, k, q_bias, k_bias, dt, trap, angles, th0, rows, dQS, dK_S, 
     nblk = th0.shape[2]
     per_head = angles.dim() == 4
     f32 = dict(device=dt.device, dtype=torch.float32)
-    dq, dk = torch.empty(q.shape, device=q.device, dtype=q.dtype), torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dtot = torch.zeros(R, B, H, S, nblk, **f32)
     ddtl, dcs, dgam = (torch.empty(R, B, T, H, **f32) for _ in range(3))
     dangl = torch.zeros(R, B, T, H, S, **f32) if per_head else torch.zeros(R, B, T, G, S, **f32)
@@ -275,9 +278,6 @@ def mimo_prep_bwd(q, k, q_bias, k_bias, dt, trap, angles, th0, rows, dQS, dK_S, 
             dkb.sum((0, 1)))
 
 
-MIMO_PREP_BWD_WARPS = 4   # H100, 8x2048, R=4 fwd+bwd (gpu_mimo_fwd_sweep.py --bwd): 1: 24.4 ms, 2: 13.4, 4: 11.7, 8: 13.9
-
-
 def mimo_core_and_prep_bwd(saved, dout, dS_final, chunk_size, eps):
     """The whole backward from the saved forward tensors (see MimoFn in triton_mimo.py). Returns a
     dict of gradients (None where an input had none)."""
@@ -287,7 +287,7 @@ def mimo_core_and_prep_bwd(saved, dout, dS_final, chunk_size, eps):
     R = q.shape[2]
     dyc, dW, dz, dmo, dmz, dnw = mimo_out_bwd(dout, yc, v, mimo_x, W, z, mimo_z, mimo_o, norm_weight, eps)
     dAx = torch.nn.functional.pad(dA.float().unsqueeze(2), (0, 0, 0, R - 1)).reshape(B, T * R, H)
-    dQS, dKS, dxc, ddAx, dS0 = ssd_core_bwd(QS, KS, X, dAx, dyc.to(QS.dtype), states, dec, dS_final,
+    dQS, dKS, dxc, ddAx, dS0 = ssd_core_bwd(QS, KS, X, dAx, dyc, states, dec, dS_final,
                                             chunk_size * R, dv_dtype=torch.float32, dqk_dtype=QS.dtype)
     dx, dpsi = mimo_x_bwd(dxc, dyc, W, v, mimo_x)
     dq, dk, dtot, ddt_loc, dang_loc, dcs, dgam, dqb, dkb = mimo_prep_bwd(q, k, q_bias, k_bias, dt, trap, angles,

@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 
 from .triton_siso_fwd import (_biased_pairs, _interleave, _load_chunk, _load_ell, _row_coeffs, _row_phase,
-                              _split_pairs, _cos_sin, _tanh, chunk_warps, dot_precision, nonempty, scan_block, static_loop)
+                              _split_pairs, _cos_sin, _tanh, chunk_warps, dot_precision, nonempty, scan_block,
+                              static_loop)
 
 
 @triton.jit
@@ -343,9 +344,9 @@ def gate_bwd(dy, z, ypre, v, do_dtype):
 
 @triton.jit
 def _phase_dt_bwd_kernel(RC, DDTL, DANGL, ANG, DGAM, DCS, TRAP, DT, DU0, DDT, DTRAP, DANG, T, nblk, S,
-                         sab, sat, sah, H: tl.constexpr, ANG_PER_HEAD: tl.constexpr, HAS_DU0: tl.constexpr, ROWS: tl.constexpr,
-                         NB: tl.constexpr, BLOCK_S: tl.constexpr):
-    """The tail of the SISO backward for NB blocks of ROWS tokens of one batch row, all heads.
+                         sab, sat, sah, H: tl.constexpr, ANG_PER_HEAD: tl.constexpr, HAS_DU0: tl.constexpr,
+                         ROWS: tl.constexpr, NB: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The tail of the SISO (and MIMO) backward for NB blocks of ROWS tokens of one batch row, all heads.
 
     Phase chain (see _prep_bwd_kernel): with R_c the sum of the block sums of d theta over blocks
     >= c (RC [B, H, S, nblk] holds the inclusive cumsum over *reversed* blocks, so R_c is at
