@@ -280,7 +280,21 @@ def test_auto_dispatch():
         torch.testing.assert_close(y, y_c, atol=0, rtol=0)
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="impl='auto' picks Triton only for CUDA tensors")
+def test_auto_rule_prunes_tiles_over_the_shared_memory():
+    """The shared-memory half of impl='auto' (the CUDA-device half needs a GPU: the test below):
+    the R=4 default tile of 64 rows fits a 227 KB Hopper part in bf16 and fp32 forward; a 99 KB
+    part takes bf16 but not the fp32 backward at 64 rows (the SISO chunk backward's bound)."""
+    from mamba3.ops.mamba3.mimo_interface import mimo_triton_fits
+    kb = 1024
+    assert mimo_triton_fits(16, 4, 128, 64, torch.bfloat16, backward=True, smem_limit=227 * kb)
+    assert mimo_triton_fits(16, 4, 128, 64, torch.float32, backward=False, smem_limit=227 * kb)
+    assert mimo_triton_fits(16, 4, 128, 64, torch.bfloat16, backward=False, smem_limit=99 * kb)
+    assert not mimo_triton_fits(16, 4, 128, 64, torch.float32, backward=True, smem_limit=99 * kb)
+    assert mimo_triton_fits(4, 4, 128, 64, torch.float32, backward=True, smem_limit=99 * kb)   # 16-row tile
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="impl='auto' picks Triton only for CUDA tensors (its shared-memory rule "
+                                          "is tested on CPU above)")
 def test_auto_picks_triton_on_cuda(monkeypatch):
     from mamba3.ops.mamba3 import triton_mimo
     calls = []

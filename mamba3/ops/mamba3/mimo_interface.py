@@ -45,9 +45,20 @@ def check_mimo_triton_inputs(chunk_size: int, rank: int, named) -> None:
                             "(use impl='reference' or 'chunked' for float64)")
 
 
+def mimo_triton_fits(chunk_size: int, rank: int, d_state: int, headdim: int, dtype: torch.dtype, backward: bool,
+                     smem_limit: int) -> bool:
+    """Whether every SSD-core kernel the Triton MIMO path launches (tile chunk_size * R rows) fits
+    ``smem_limit`` bytes of shared memory per block, by the analytic bound of mamba3.ops.triton_utils."""
+    from ..triton_utils import analytic_smem, group_stages
+    names = MIMO_TRITON_KERNELS_FWD + (MIMO_TRITON_KERNELS_BWD if backward else ())
+    dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16
+    stages = group_stages(dtype, smem_limit)
+    return all(analytic_smem(n, chunk_size * rank, d_state, headdim, dtype, stages) <= smem_limit for n in names)
+
+
 def _auto_picks_triton(q: Tensor, v: Tensor, chunk_size: int, tensors) -> bool:
     """impl='auto': Triton for CUDA tensors of a supported shape and dtype whose kernels fit the
-    device's shared memory (analytic bound of mamba3.ops.triton_utils); else the chunked path."""
+    device's shared memory (:func:`mimo_triton_fits`); else the chunked path."""
     R, N, P = q.shape[2], q.shape[-1], v.shape[-1]
     if v.device.type != "cuda" or torch.compiler.is_compiling() or not triton_mimo_supported(chunk_size, R, tensors):
         return False
@@ -55,13 +66,9 @@ def _auto_picks_triton(q: Tensor, v: Tensor, chunk_size: int, tensors) -> bool:
     if not triton_available(v.device):
         return False
     try:
-        from ..triton_utils import analytic_smem, device_smem_limit, group_stages
+        from ..triton_utils import device_smem_limit
         backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-        names = MIMO_TRITON_KERNELS_FWD + (MIMO_TRITON_KERNELS_BWD if backward else ())
-        dtype = torch.float32 if v.dtype == torch.float32 else torch.bfloat16
-        limit = device_smem_limit(v.device)
-        stages = group_stages(dtype, limit)
-        return all(analytic_smem(n, chunk_size * R, N, P, dtype, stages) <= limit for n in names)
+        return mimo_triton_fits(chunk_size, R, N, P, v.dtype, backward, device_smem_limit(v.device))
     except Exception:  # no accounting available: keep the kernels
         return True
 
