@@ -69,7 +69,7 @@ def launch_params(kernel: str, chunk: int, d_state: int, headdim: int, dtype=Non
         return const, (8 if ieee else 4)
     if kernel == "chunk_bwd":
         const["HAS_SKIP"] = True   # the Mamba-3 backward adds skip dO to dV in this kernel
-        if not ieee:                 # triton_siso_bwd.bwd_layout: BWD_COLS columns per step, BWD_NUM_WARPS
+        if not ieee:                 # triton_siso_bwd.bwd_layout off Hopper: BWD_COLS_SMALL columns, BWD_NUM_WARPS
             const["NSPLIT"] = max(1, BN // 32)
             return const, 4
         const["NSPLIT"] = max(1, BN // 128)
@@ -133,7 +133,7 @@ def analytic_smem(kernel: str, chunk: int, d_state: int, headdim: int, dtype: to
 def _signature(fn, const: dict, dtype: torch.dtype) -> dict:
     tdt = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     sig = {}
-    for name in inspect.signature(fn.fn).parameters:
+    for name in inspect.signature(getattr(fn, "jit", fn).fn).parameters:
         if name in const:
             sig[name] = "constexpr"
         elif name in ("PREC",):
@@ -189,6 +189,7 @@ def _compile(kernel: str, chunk: int, d_state: int, headdim: int, dtype: torch.d
 
     mod, attr = KERNELS[kernel]
     fn = getattr(importlib.import_module(f"mamba3.ops.mamba3.{mod}"), attr)
+    fn = getattr(fn, "jit", fn)   # the JITFunction under a fast_launch wrapper
     const, nw = launch_params(kernel, chunk, d_state, headdim, dtype)
     params = inspect.signature(fn.fn).parameters
     if "PREC" in params:

@@ -119,7 +119,7 @@ def test_group_head_sums_and_phase_chain_across_row_steps(monkeypatch, G, H, per
     from mamba3.ops.mamba3 import triton_siso_fwd as fw
     monkeypatch.setattr(bw, "PREP_BWD_PROGRAMS", 4096)    # split the heads wherever they divide
     monkeypatch.setattr(fw, "PHASE_SCAN_TILE", 4)         # 11 phase blocks: 3 scan steps
-    monkeypatch.setattr(bw, "bwd_layout", lambda dtype, bn, nw: (max(1, bn // 8), 4))  # N=16: 2 column blocks
+    monkeypatch.setattr(bw, "bwd_layout", lambda dtype, bn, nw, deep=False: (max(1, bn // 8), 4, None))  # N=16: 2 blocks
     xs = make_inputs(B=2, T=83, G=G, H=H, N=16, P=8, S=6, per_head_angles=per_head, seed=11)
     init = make_state(2, H, 8, 16, 6, seed=12)
     check_forward_backward(xs, chunk, initial_state=init)
@@ -428,3 +428,14 @@ def test_gate_backward_kernel_matches_torch(P, has_z, do_dtype):
         assert rel(dz, zl.grad) < 1e-5
     else:
         assert dz is None
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (2, 4, 1500), (7, 1), (0, 9)])
+def test_row_cumsum_kernel(shape):
+    """The backward's block-sum scan (one tile, several tiles with a carry, length one, no rows)."""
+    from mamba3.ops.mamba3.triton_siso_bwd import row_cumsum
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3)).to(DEV)
+    want = x.double().cumsum(-1)
+    got = row_cumsum(x)
+    assert got.dtype == torch.float32 and got.shape == x.shape
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5 * (1 + want.abs().max().item() if x.numel() else 1))

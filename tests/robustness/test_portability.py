@@ -141,5 +141,5 @@ def test_launch_params_mirror_the_launchers(dtype):
     assert (const["ROWS"], nw) == (fw.prep_rows(C), bw.PREP_BWD_NUM_WARPS)
     const, nw = tu.launch_params("chunk_bwd", C, N, P, dtype)
     prec = "ieee" if dtype == F32 else "tf32"
-    assert (const["NSPLIT"], nw) == bw.bwd_layout(dtype, const["BLOCK_N"],
-                                                  fw.chunk_warps(C, const["BLOCK_N"], const["BLOCK_P"], prec))
+    assert (const["NSPLIT"], nw) == bw.bwd_layout(dtype, const["BLOCK_N"],   # a 99 KB part: not "deep"
+                                                  fw.chunk_warps(C, const["BLOCK_N"], const["BLOCK_P"], prec))[:2]

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..launch import fast_launch
+
 from .triton_mimo_fwd import _biased_halves, _rank_output, _rank_rows, _token_block
 from .triton_siso_bwd import _head_rotation, _shared_rate, phase_dt_bwd, ssd_core_bwd
 from .triton_siso_fwd import _row_coeffs, nonempty
@@ -26,6 +28,7 @@ MIMO_PREP_BWD_WARPS = 4   # H100, 8x2048, R=4 fwd+bwd (gpu_mimo_fwd_sweep.py --b
                           # 8: 13.9
 
 
+@fast_launch
 @triton.jit
 def _mimo_out_bwd_kernel(DOUT, YC, V, PSI, W, Z, MZ, MO, NW, DYC, DW, DZ, DMO, DMZ, DNW, T, H, P, eps, npt,
                          HAS_Z: tl.constexpr, HAS_NORM: tl.constexpr, R: tl.constexpr, TOK: tl.constexpr,
@@ -81,6 +84,7 @@ def _mimo_out_bwd_kernel(DOUT, YC, V, PSI, W, Z, MZ, MO, NW, DYC, DW, DZ, DMO, D
         tl.store(DNW + part * P + p, dnw, mask=pm)
 
 
+@fast_launch
 @triton.jit
 def _mimo_x_bwd_kernel(DXC, DYC, W, V, PSI, DX, DPSI, T, H, P, npt,
                        R: tl.constexpr, TOK: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -103,6 +107,7 @@ def _mimo_x_bwd_kernel(DXC, DYC, W, V, PSI, DX, DPSI, T, H, P, npt,
     tl.store(DX + row[:, None] * P + p[None, :], dx.to(DX.dtype.element_ty), mask=m)
 
 
+@fast_launch
 @triton.jit
 def _mimo_prep_bwd_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, dQS, dKS, DW, DQ, DK, DTOT, DDTL, DANGL, DCS, DGAM,
                           DQB, DKB, B, T, H, G, nblk, N, S, sqb, sqt, sqr, sqg, sdb, sdt, sdh, sab, sat, sah,

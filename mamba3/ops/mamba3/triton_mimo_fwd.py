@@ -19,6 +19,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ..launch import fast_launch
+
 from .triton_siso_fwd import _row_coeffs, _row_phase, chunk_start_phases, nonempty, ssd_group_fwd
 
 MIMO_PREP_ROWS = 16   # tokens per program of the preparation (and the phase block size); H100, 8x2048,
@@ -38,6 +40,7 @@ def _biased_halves(X, XB, b, t, r, g, h, T, half, sxb, sxt, sxr, sxg, R: tl.cons
     return tl.where(m, lo, 0.0), tl.where(m, hi, 0.0)
 
 
+@fast_launch
 @triton.jit
 def _mimo_prep_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, Dp, V, PSI, QS, KS, X, W, T, H, G, nblk, N, S, P,
                       sqb, sqt, sqr, sqg, sdb, sdt, sdh, sab, sat, sah,
@@ -123,6 +126,7 @@ def _rank_output(YC, W, PSI, x, b, t, r, h, T, H, P, row, p, tm, pm, m, R: tl.co
     return y
 
 
+@fast_launch
 @triton.jit
 def _mimo_out_kernel(YC, V, PSI, W, Z, MZ, MO, NW, OUT, T, H, P, eps,
                      HAS_Z: tl.constexpr, HAS_NORM: tl.constexpr, R: tl.constexpr, TOK: tl.constexpr,

@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..launch import fast_launch
+
 from .common import Mamba3State
 from .triton_siso import check_power_of_two, check_triton_inputs
 from .triton_siso_fwd import dot_precision as state_dot_precision, nonempty
@@ -76,6 +78,7 @@ def _store_wrapped_phase(th_ptr, pair, own, theta):
     tl.store(th_ptr + pair, wrapped, mask=own)
 
 
+@fast_launch
 @triton.jit
 def _mimo_step_kernel(Q, K, V, dA, DT, TRAP, QB, KB, ANG, PSI, ZETA, PHI, D, Z, W,
                       ST_ANG, ST_SSM, ST_K, ST_V, OUT,
@@ -184,6 +187,7 @@ def _mimo_step_kernel(Q, K, V, dA, DT, TRAP, QB, KB, ANG, PSI, ZETA, PHI, D, Z, 
         _store_wrapped_phase(ST_ANG + bh * S, pair, own, theta)
 
 
+@fast_launch
 @triton.jit
 def _mimo_step_cache_kernel(K, KB, ANG, DT, ST_ANG, ST_K, H, G, N, S, k_sb, dt_sb, ang_sb, ang_sh,
                             R: tl.constexpr, BLOCK_N: tl.constexpr):

@@ -14,11 +14,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ..launch import fast_launch
+
 from .triton_siso_fwd import (_biased_pairs, _interleave, _load_chunk, _load_ell, _row_coeffs, _row_phase,
-                              _split_pairs, _cos_sin, _tanh, chunk_warps, dot_precision, nonempty, scan_block,
+                              _split_pairs, _cos_sin, _tanh, chunk_warps, dot_precision, group_pipeline_depth, nonempty, scan_block,
                               static_loop)
 
 
+@fast_launch
 @triton.jit
 def _chunk_dstate_kernel(Q, dY, dA, GS, T, H, nc, N, P,
                          sqb, sqt, sqh, syb, syt, syh, sdb, sdt, sdh,
@@ -64,6 +67,7 @@ def _dscan_step(GS, DEC, carry, bh, c, nc, PN, offs, mask):
     return l3 + d3 * carry
 
 
+@fast_launch
 @triton.jit
 def _dstate_scan_kernel(GS, DEC, dSF, dS0, nc, PN, HAS_DSF: tl.constexpr, BLOCK: tl.constexpr,
                         NC_STATIC: tl.constexpr):
@@ -100,6 +104,7 @@ def _walk_step(Q, dY, dA, DEC, GS, carry, b, h, bh, c, T, nc, N, P, p, sp, pm,
     return tl.dot(tl.trans(dyw), q, carry * tl.exp(tl.load(DEC + bh * nc + c)), input_precision=PREC)
 
 
+@fast_launch
 @triton.jit
 def _dstate_walk_kernel(Q, dY, dA, DEC, GS, dSF, dS0, T, H, nc, N, P,
                         sqb, sqt, sqh, syb, syt, syh, sdb, sdt, sdh,
@@ -175,6 +180,7 @@ def _state_cols(ptr, base, P, N, n0, BLOCK_P: tl.constexpr, BLOCK: tl.constexpr)
     return tl.load(ptr + base + p[:, None] * N + n[None, :], mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)
 
 
+@fast_launch
 @triton.jit
 def _chunk_bwd_kernel(Q, K, V, dA, dY, ST, GS, SKIP, dQ, dK, dV, ddA, T, H, nc, N, P,
                       sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, syb, syt, syh,
@@ -242,18 +248,23 @@ def _chunk_bwd_kernel(Q, K, V, dA, dY, ST, GS, SKIP, dQ, dK, dV, ddA, T, H, nc, 
     tl.store(ddA + b * sdb + t * sdt + h * sdh, dda, mask=t < T)
 
 
-BWD_COLS = 32       # state columns per step of the chunk backward; with BWD_NUM_WARPS = 4 two programs fit
-BWD_NUM_WARPS = 4   # an SM (255 registers): H100, 8x2048, whole core backward 0.89 ms vs 1.13 at 128 columns
-                    # and 8 warps (one program per SM), 1.06 at 64 columns / 4 warps. None: chunk_warps
+BWD_COLS = 64          # Hopper-class parts, 16-bit operands: state columns per step of the chunk backward
+BWD_NUM_STAGES = 2     # and its pipelining depth (H100, fwd+bwd 1.85 / 2.05 / 2.21 ms at 8x2048 / 2x8192 /
+                       # 1x16384 vs 1.93 / 2.13 / 2.27 at 32 columns and Triton's default 3 stages; 3 stages at
+                       # 64 columns 2.10, 128 columns 1.91, 8 warps 2.22: benchmarks/results/gpu_bwd_sweep_s10.json)
+BWD_COLS_SMALL = 32    # other parts (99 KB / 163 KB of shared memory): 32 columns, Triton's default depth
+BWD_NUM_WARPS = 4      # with 32 or 64 columns two programs fit an SM (255 registers); None: chunk_warps
 
 
-def bwd_layout(dtype: torch.dtype, block_n: int, default_warps: int) -> tuple[int, int]:
-    """(state-column blocks, warps) of the chunk backward: BWD_COLS / BWD_NUM_WARPS for 16-bit
-    operands; fp32 operands keep one block of up to 128 columns at ``chunk_warps`` (at 4 warps
-    full-precision dots spilled badly, see BENCHMARKS.md)."""
+def bwd_layout(dtype: torch.dtype, block_n: int, default_warps: int, deep: bool = False):
+    """(state-column blocks, warps, pipelining depth or None for Triton's default) of the chunk
+    backward. 16-bit operands: BWD_COLS / BWD_NUM_STAGES on a Hopper-class part (``deep``), else
+    BWD_COLS_SMALL; fp32 operands keep one block of up to 128 columns at ``chunk_warps`` (at 4
+    warps full-precision dots spilled badly, see BENCHMARKS.md)."""
     if dtype == torch.float32:
-        return max(1, block_n // 128), default_warps
-    return max(1, block_n // max(16, BWD_COLS)), (BWD_NUM_WARPS or default_warps)
+        return max(1, block_n // 128), default_warps, None
+    cols, stages = (BWD_COLS, BWD_NUM_STAGES) if deep else (BWD_COLS_SMALL, None)
+    return max(1, block_n // max(16, cols)), (BWD_NUM_WARPS or default_warps), stages
 
 
 def ssd_core_bwd(Q, K, V, dA, dY, states, dec, dSF, chunk_size: int, skip=None, dv_dtype=torch.float32,
@@ -291,15 +302,17 @@ def ssd_core_bwd(Q, K, V, dA, dY, states, dec, dSF, chunk_size: int, skip=None, 
         _dstate_scan_kernel[(triton.cdiv(PN, BLOCK), B * H)](gs, dec, dsf, dS0, nc, PN,
                                                             HAS_DSF=dSF is not None, BLOCK=BLOCK,
                                                             NC_STATIC=static_loop(nc), num_warps=4)
-    nsplit, bwd_nw = bwd_layout(Q.dtype, BN, nw)
+    nsplit, bwd_nw, stages = bwd_layout(Q.dtype, BN, nw, deep=group_pipeline_depth(Q.dtype, Q.device) > 1)
     # dQ/dK/dV/ddA are fresh contiguous tensors with Q/K/V/dA's shapes, so the same strides apply
     _chunk_bwd_kernel[(nc, B * H)](Q, K, V, dA, dY, states, gs, ddA if skip is None else skip, dQ, dK, dV, ddA,
                                    T, H, nc, N, P, *Q.stride()[:3], *K.stride()[:3], *V.stride()[:3],
                                    *dA.stride(), *dY.stride()[:3], HAS_SKIP=skip is not None, CHUNK=C,
-                                   BLOCK_N=BN, BLOCK_P=BP, PREC=prec, NSPLIT=nsplit, num_warps=bwd_nw)
+                                   BLOCK_N=BN, BLOCK_P=BP, PREC=prec, NSPLIT=nsplit, num_warps=bwd_nw,
+                                   **({} if stages is None else dict(num_stages=stages)))
     return dQ, dK, dV, ddA, dS0
 
 
+@fast_launch
 @triton.jit
 def _gate_bwd_kernel(DY, Z, YPRE, V, DO, DZ, DSKIP, M, P,
                      HAS_Z: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -342,6 +355,7 @@ def gate_bwd(dy, z, ypre, v, do_dtype):
     return do, dz, dskip
 
 
+@fast_launch
 @triton.jit
 def _phase_dt_bwd_kernel(RC, DDTL, DANGL, ANG, DGAM, DCS, TRAP, DT, DU0, DDT, DTRAP, DANG, T, nblk, S,
                          sab, sat, sah, H: tl.constexpr, ANG_PER_HEAD: tl.constexpr, HAS_DU0: tl.constexpr,
@@ -402,6 +416,36 @@ def _phase_dt_bwd_kernel(RC, DDTL, DANGL, ANG, DGAM, DCS, TRAP, DT, DU0, DDT, DT
 PHASE_DT_TOKENS = 64   # tokens per program of _phase_dt_bwd_kernel (a loop over all heads each)
 
 
+@fast_launch
+@triton.jit
+def _row_cumsum_kernel(X, Y, R, L, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, NL_STATIC: tl.constexpr):
+    """Y = inclusive cumsum of X [R, L] (fp32, contiguous) along L: BLOCK_R rows per program, the
+    row walked in BLOCK_L tiles with a carry (torch's innermost-dim scan took 0.04 ms on the
+    H100 for the 2048 x 1024 block sums of the 2x8192 backward)."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    carry = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for j in range(NL_STATIC if NL_STATIC > 0 else tl.cdiv(L, BLOCK_L)):
+        c = j * BLOCK_L + tl.arange(0, BLOCK_L)
+        m = (r[:, None] < R) & (c[None, :] < L)
+        x = tl.load(X + r[:, None] * L + c[None, :], mask=m, other=0.0)
+        tl.store(Y + r[:, None] * L + c[None, :], carry[:, None] + tl.cumsum(x, axis=1), mask=m)
+        carry += tl.sum(x, axis=1)
+
+
+def row_cumsum(x: torch.Tensor) -> torch.Tensor:
+    """Inclusive cumsum along the last dim of a contiguous fp32 tensor (one Triton launch)."""
+    L = x.shape[-1]
+    R = x.numel() // max(1, L)
+    y = torch.empty_like(x)
+    if y.numel() == 0:
+        return y
+    BL = min(1024, max(16, triton.next_power_of_2(L)))
+    BR = max(1, 4096 // BL)
+    _row_cumsum_kernel[(triton.cdiv(R, BR),)](x, y, R, L, BLOCK_R=BR, BLOCK_L=BL,
+                                            NL_STATIC=static_loop(triton.cdiv(L, BL)), num_warps=4)
+    return y
+
+
 def phase_dt_bwd(dtot, ddt_loc, dang_loc, angles, dgamma, dcs, trap, dt, rows, du0=None):
     """Launch :func:`_phase_dt_bwd_kernel` after prep_bwd (dtot [B, H, S, nblk] holding the block
     sums of d theta in reversed block order; ddt_loc, dgamma, dcs [B, T, H] fp32 contiguous;
@@ -416,7 +460,7 @@ def phase_dt_bwd(dtot, ddt_loc, dang_loc, angles, dgamma, dcs, trap, dt, rows, d
     if S == 0 or T == 0:
         rc = torch.zeros(B, H, S, 1, device=dt.device, dtype=torch.float32)
     else:
-        rc = torch.cumsum(dtot, -1)                       # innermost scan; R_c at index nblk - 1 - c
+        rc = row_cumsum(dtot)                             # innermost scan; R_c at index nblk - 1 - c
     if B * T * H:
         nb = triton.next_power_of_2(max(1, PHASE_DT_TOKENS // rows + 1)) // 2   # a power of two
         sa = (angles.stride(0), angles.stride(1), angles.stride(2) if per_head else 0)
@@ -453,6 +497,7 @@ def _head_rotation(ANG, TH0, dt, rate, b, h, t, T, S, H, nblk, blk, sab, sat, sa
     return cos, sin, rate
 
 
+@fast_launch
 @triton.jit
 def _prep_bwd_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, dQ, dK, DSKIP, DQ, DK, DTOT, DDTL, DANGL, DCS, DGAM, DQB,
                      DKB, B, T, H, G, nblk, N, S, sqb, sqt, sqg, sdb, sdt, sdh, sab, sat, sah,

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..launch import fast_launch
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -50,6 +52,7 @@ def _load_ell(dA_ptr, b, h, c, T, sdb, sdt, sdh, CHUNK: tl.constexpr):
     return tl.cumsum(a, axis=0)
 
 
+@fast_launch
 @triton.jit
 def _chunk_state_kernel(K, V, dA, ST, DEC, T, H, nc, N, P,
                         skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
@@ -100,6 +103,7 @@ def _scan_step(ST, DEC, carry, bh, c, nc, PN, offs, mask):
     return d3 * carry + l3
 
 
+@fast_launch
 @triton.jit
 def _state_scan_kernel(ST, DEC, S0, SF, nc, PN, HAS_S0: tl.constexpr, BLOCK: tl.constexpr,
                        NC_STATIC: tl.constexpr):
@@ -121,6 +125,7 @@ def _state_scan_kernel(ST, DEC, S0, SF, nc, PN, HAS_S0: tl.constexpr, BLOCK: tl.
     tl.store(SF + bh * PN + offs, carry, mask=mask)
 
 
+@fast_launch
 @triton.jit
 def _chunk_out_kernel(Q, K, V, dA, ST, Y, T, H, nc, N, P,
                       sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, syb, syt, syh,
@@ -314,6 +319,7 @@ def _interleave(e, o, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr):
     return tl.reshape(tl.join(e, o), [CHUNK, BLOCK_N])
 
 
+@fast_launch
 @triton.jit
 def _phase_sums_kernel(DT, ANG, SUMS, T, H, nc, S, sdb, sdt, sdh, sab, sat, sah,
                        CHUNK: tl.constexpr, BPP: tl.constexpr, BLOCK_S: tl.constexpr):
@@ -348,6 +354,7 @@ def _phase_scan_block(SUMS, TH0, carry, bh, c0, nc, S, i, NCB: tl.constexpr):
     return carry - two_pi * tl.floor(carry / two_pi)
 
 
+@fast_launch
 @triton.jit
 def _phase_scan_kernel(SUMS, INIT, TH0, FIN, nc, S, HAS_INIT: tl.constexpr, NCB: tl.constexpr,
                        BLOCK_S: tl.constexpr, NB_STATIC: tl.constexpr):
@@ -414,6 +421,7 @@ def chunk_start_phases(dt, angles, init_angle, chunk_size):
 # then a scan over groups). Keeping the rotation out of the core loop keeps its registers low.
 # --------------------------------------------------------------------------------------------
 
+@fast_launch
 @triton.jit
 def _prep_qk_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, Dp, QS, KS, SKIP, T, H, G, nblk, N, S,
                     sqb, sqt, sqg, sdb, sdt, sdh, sab, sat, sah,
@@ -445,6 +453,7 @@ def _prep_qk_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, Dp, QS, KS, SKIP, T, H, G,
              mask=m)
 
 
+@fast_launch
 @triton.jit
 def _core_group_state_kernel(K, V, dA, SG, DECG, T, H, nc, N, P, CPG,
                              skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
@@ -540,6 +549,7 @@ def _core_out_step(Q, K, V, dA, SKIP, Z, ST, DEC, Y, YPRE, st, b, h, c, T, H, nc
                        HAS_Z, SAVE, CHUNK, BLOCK_N, BLOCK_P, PREC)
 
 
+@fast_launch
 @triton.jit
 def _core_group_out_kernel(Q, K, V, dA, SKIP, Z, SIN, ST, DEC, SF, Y, YPRE, T, H, nc, N, P, CPG,
                            sqb, sqt, sqh, svb, svt, svh, sdb, sdt, sdh,

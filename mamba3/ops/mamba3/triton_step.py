@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..launch import fast_launch
+
 from .common import Mamba3State
 from .triton_siso import check_power_of_two, check_triton_inputs
 from .triton_siso_fwd import nonempty
@@ -51,6 +53,7 @@ def _rotated(x_ptr, xb_ptr, n, N, S, cos_n, sin_n):
     return x * cos_n + sign * xp * sin_n
 
 
+@fast_launch
 @triton.jit
 def _step_kernel(Q, K, V, dA, DT, TRAP, QB, KB, ANG, D, Z, ST_ANG, ST_SSM, ST_K, ST_V, Y, CNT,
                  H, G, N, P, S, ang_sb, ang_sh,
