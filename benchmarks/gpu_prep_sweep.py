@@ -94,6 +94,23 @@ def settings():
                 bwd_cols=bw.BWD_COLS, bwd_warps=bw.BWD_NUM_WARPS, prep_bwd_programs=bw.PREP_BWD_PROGRAMS)
 
 
+def graph_ms(fn):
+    """GPU time of fn alone: replayed from a CUDA graph (None if it cannot be captured)."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return do_bench(graph.replay, return_mode="median")
+    except Exception as e:  # noqa: BLE001 - report, keep timing
+        print("graph capture failed:", repr(e)[:200])
+        return None
+
+
 def time_shape(B, T, off, row):
     xs = gk.inputs(B, T, seed=1)
     leaves = {n: x.clone().requires_grad_(True) for n, x in xs.items()}
@@ -118,28 +135,25 @@ def time_shape(B, T, off, row):
         fwdbwd()
     row["host_issue_fwdbwd_ms"] = (time.perf_counter() - t0) * 1e2
     torch.cuda.synchronize()
-    try:                              # GPU time alone: the same fwd+bwd replayed from a CUDA graph
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fwdbwd()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fwdbwd()
-        row["ours_fwdbwd_graph"] = do_bench(graph.replay, return_mode="median")
-    except Exception as e:  # noqa: BLE001 - report, keep timing
-        print("graph capture failed:", repr(e)[:200])
+    row["ours_fwdbwd_graph"] = graph_ms(fwdbwd)   # GPU time alone
+    with torch.no_grad():
+        row["ours_fwd_graph"] = graph_ms(lambda: gk.mamba3_siso_triton(*(xs[n] for n in gk.NAMES),
+                                                                       chunk_size=gk.CHUNK))
     if off is not None:
         oa = gk.official_args(xs)
         with torch.no_grad():
             row["official_fwd"] = do_bench(lambda: off.combined(*oa, chunk_size=gk.CHUNK), return_mode="median")
+            row["official_fwd_graph"] = graph_ms(lambda: off.combined(*oa, chunk_size=gk.CHUNK))
         ol = [a.clone().requires_grad_(True) for a in oa]
         row["official_fwdbwd"] = do_bench(lambda: off.combined(*ol, chunk_size=gk.CHUNK).backward(dy),
                                           grad_to_none=ol, return_mode="median")
         row["speedup_fwd"] = row["official_fwd"] / row["ours_fwd"]
         row["speedup_fwdbwd"] = row["official_fwdbwd"] / row["ours_fwdbwd"]
-    print(f"time {B}x{T}: " + " ".join(f"{k}={v:.3f}" for k, v in row.items()), flush=True)
+        if row["official_fwd_graph"] and row["ours_fwd_graph"]:
+            row["speedup_fwd_graph"] = row["official_fwd_graph"] / row["ours_fwd_graph"]
+        if row["ours_fwdbwd_graph"]:
+            row["speedup_fwdbwd_graph"] = row["official_fwdbwd"] / row["ours_fwdbwd_graph"]
+    print(f"time {B}x{T}: " + " ".join(f"{k}={v:.3f}" for k, v in row.items() if v is not None), flush=True)
 
 
 def main():
