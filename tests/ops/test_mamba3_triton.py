@@ -430,9 +430,9 @@ def test_gate_backward_kernel_matches_torch(P, has_z, do_dtype):
         assert dz is None
 
 
-@pytest.mark.parametrize("shape", [(3, 5), (2, 4, 1500), (7, 1), (0, 9)])
+@pytest.mark.parametrize("shape", [(3, 5), (2, 4, 1500), (7, 1), (0, 9), (1, 9000)])
 def test_row_cumsum_kernel(shape):
-    """The backward's block-sum scan (one tile, several tiles with a carry, length one, no rows)."""
+    """The backward's block-sum scan (short and long rows, length one, no rows, past the one-tile limit)."""
     from mamba3.ops.mamba3.triton_siso_bwd import row_cumsum
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(3)).to(DEV)
     want = x.double().cumsum(-1)

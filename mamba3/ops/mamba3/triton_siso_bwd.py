@@ -418,31 +418,33 @@ PHASE_DT_TOKENS = 64   # tokens per program of _phase_dt_bwd_kernel (a loop over
 
 @fast_launch
 @triton.jit
-def _row_cumsum_kernel(X, Y, R, L, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, NL_STATIC: tl.constexpr):
-    """Y = inclusive cumsum of X [R, L] (fp32, contiguous) along L: BLOCK_R rows per program, the
-    row walked in BLOCK_L tiles with a carry (torch's innermost-dim scan took 0.04 ms on the
-    H100 for the 2048 x 1024 block sums of the 2x8192 backward)."""
+def _row_cumsum_kernel(X, Y, R, L, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Y = inclusive cumsum of X [R, L] (fp32, contiguous) along L, BLOCK_R whole rows per program
+    (torch's innermost-dim scan took 0.04 ms on the H100 for the 2048 x 1024 block sums of the
+    2x8192 backward)."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    carry = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for j in range(NL_STATIC if NL_STATIC > 0 else tl.cdiv(L, BLOCK_L)):
-        c = j * BLOCK_L + tl.arange(0, BLOCK_L)
-        m = (r[:, None] < R) & (c[None, :] < L)
-        x = tl.load(X + r[:, None] * L + c[None, :], mask=m, other=0.0)
-        tl.store(Y + r[:, None] * L + c[None, :], carry[:, None] + tl.cumsum(x, axis=1), mask=m)
-        carry += tl.sum(x, axis=1)
+    c = tl.arange(0, BLOCK_L)
+    m = (r[:, None] < R) & (c[None, :] < L)
+    x = tl.load(X + r[:, None] * L + c[None, :], mask=m, other=0.0)
+    tl.store(Y + r[:, None] * L + c[None, :], tl.cumsum(x, axis=1), mask=m)
+
+
+ROW_CUMSUM_MAX = 8192   # longest row of the one-tile scan kernel; longer rows take torch.cumsum
 
 
 def row_cumsum(x: torch.Tensor) -> torch.Tensor:
-    """Inclusive cumsum along the last dim of a contiguous fp32 tensor (one Triton launch)."""
+    """Inclusive cumsum along the last dim of a contiguous fp32 tensor (one Triton launch for rows
+    up to ROW_CUMSUM_MAX long)."""
     L = x.shape[-1]
-    R = x.numel() // max(1, L)
+    if L > ROW_CUMSUM_MAX:
+        return torch.cumsum(x, -1)
     y = torch.empty_like(x)
     if y.numel() == 0:
         return y
-    BL = min(1024, max(16, triton.next_power_of_2(L)))
+    R = x.numel() // L
+    BL = max(16, triton.next_power_of_2(L))
     BR = max(1, 4096 // BL)
-    _row_cumsum_kernel[(triton.cdiv(R, BR),)](x, y, R, L, BLOCK_R=BR, BLOCK_L=BL,
-                                            NL_STATIC=static_loop(triton.cdiv(L, BL)), num_warps=4)
+    _row_cumsum_kernel[(triton.cdiv(R, BR),)](x, y, R, L, BLOCK_R=BR, BLOCK_L=BL, num_warps=4)
     return y
 
 
