@@ -29,7 +29,7 @@ PASS_KERNELS = ("_dstate_walk_kernel", "_chunk_dstate_kernel", "_dstate_scan_ker
 
 
 def run(B, T, walk):
-    bw.WALK_MIN_PROGRAMS = 1 if walk else 1 << 30
+    bw.WALK_MIN_PROGRAMS = bw.WALK_SMALL_MIN = 1 if walk else 1 << 30
     xs = gk.inputs(B, T, seed=5)
     leaves = {n: x.clone().requires_grad_(True) for n, x in xs.items()}
     dy = torch.randn(B, T, gk.H, gk.P, device="cuda", dtype=torch.bfloat16, generator=torch.Generator(
@@ -58,7 +58,7 @@ def main():
     a = ap.parse_args()
     res = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                default_walk_min_programs=bw.WALK_MIN_PROGRAMS, shapes={})
-    default = bw.WALK_MIN_PROGRAMS
+    default = bw.WALK_MIN_PROGRAMS, bw.WALK_SMALL_MIN
     for shape in a.shapes.split(","):
         B, T = (int(v) for v in shape.split("x"))
         g_walk, ms_walk, k_walk = run(B, T, True)
@@ -73,7 +73,7 @@ def main():
               flush=True)
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
-    bw.WALK_MIN_PROGRAMS = default
+    bw.WALK_MIN_PROGRAMS, bw.WALK_SMALL_MIN = default
 
 
 if __name__ == "__main__":

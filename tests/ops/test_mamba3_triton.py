@@ -439,3 +439,22 @@ def test_row_cumsum_kernel(shape):
     got = row_cumsum(x)
     assert got.dtype == torch.float32 and got.shape == x.shape
     assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5 * (1 + want.abs().max().item() if x.numel() else 1))
+
+
+@pytest.mark.parametrize("shape", [(2, 300, 40), (1, 5, 7), (2, 0, 8), (3, 129, 1)])
+def test_middle_sum_kernel(shape):
+    """The bias-gradient partial sums: several row tiles with a partial last one, ragged columns,
+    no rows (zeros), one column."""
+    from mamba3.ops.mamba3.triton_siso_bwd import middle_sum
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(4)).to(DEV)
+    got = middle_sum(x)
+    assert got.shape == (shape[0], shape[2]) and got.dtype == torch.float32
+    assert torch.allclose(got.double(), x.double().sum(1), rtol=1e-5, atol=1e-4)
+
+
+def test_walk_split_rule():
+    """The state-gradient pass: a walk with 2 P blocks from 128 (batch, head) pairs, 4 from 64,
+    chunk-parallel below; never blocks under 16 rows of P."""
+    from mamba3.ops.mamba3.triton_siso_bwd import walk_split
+    assert [walk_split(bh, 64) for bh in (256, 128, 127, 64, 63, 32)] == [2, 2, 4, 4, 0, 0]
+    assert walk_split(64, 32) == 2 and walk_split(64, 16) == 1 and walk_split(256, 16) == 1

@@ -142,6 +142,21 @@ WALK_MIN_PROGRAMS = 128   # batch x heads from which the state-gradient pass is 
                           # benchmarks/gpu_state_grad_walk.py: pass 0.085 vs 0.155 ms at B x H = 128, 0.24
                           # vs 0.23 at 64)
 WALK_P_SPLIT = 2          # programs per (batch, head) of the walk, each a block of P rows
+WALK_SMALL_MIN = 64       # from 64 on (below WALK_MIN_PROGRAMS) the walk with WALK_SMALL_P_SPLIT P blocks
+WALK_SMALL_P_SPLIT = 4    # (H100, 2x8192, fwd+bwd 2.10 vs 2.13 ms; at 1x16384, 32 (b, h), 2.30 vs 2.27: not
+                          # there; benchmarks/results/gpu_bwd_sweep_s10.json)
+
+
+def walk_split(BH: int, BP: int) -> int:
+    """P blocks per (batch, head) of the reverse state-gradient walk, or 0 for the chunk-parallel
+    local sums + scan (too few (batch, head) pairs to fill the GPU with a serial walk)."""
+    if BH >= WALK_MIN_PROGRAMS:
+        ps = WALK_P_SPLIT
+    elif BH >= WALK_SMALL_MIN:
+        ps = WALK_SMALL_P_SPLIT
+    else:
+        return 0
+    return max(1, min(ps, BP // 16))
 
 
 @triton.jit
@@ -287,8 +302,8 @@ def ssd_core_bwd(Q, K, V, dA, dY, states, dec, dSF, chunk_size: int, skip=None, 
     prec = dot_precision(Q.dtype)
     nw = chunk_warps(C, BN, BP, prec)
     dsf = dSF if dSF is not None else dS0
-    if B * H >= WALK_MIN_PROGRAMS:
-        ps = min(WALK_P_SPLIT, BP // 16)
+    ps = walk_split(B * H, BP)
+    if ps:
         _dstate_walk_kernel[(B * H, ps)](Q, dY, dA, dec, gs, dsf, dS0, T, H, nc, N, P, *Q.stride()[:3],
                                          *dY.stride()[:3], *dA.stride(), HAS_DSF=dSF is not None, CHUNK=C,
                                          BLOCK_N=BN, BLOCK_P=BP // ps, PREC=prec, NC_STATIC=static_loop(nc),
@@ -597,6 +612,36 @@ def _prep_bwd_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, dQ, dK, DSKIP, DQ, DK, DT
                  mask=tm[:, None] & rot[None, :])
 
 
+@fast_launch
+@triton.jit
+def _middle_sum_kernel(X, Y, M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, NM_STATIC: tl.constexpr):
+    """Y[a, k] = sum_m X[a, m, k] (fp32 [A, M, K] contiguous), grid (K blocks, A): the partial sums
+    stay an elementwise [BLOCK_M, BLOCK_K] tile through the loop and are reduced once at the end."""
+    k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    a = tl.program_id(1)
+    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for j in range(NM_STATIC if NM_STATIC > 0 else tl.cdiv(M, BLOCK_M)):
+        m = j * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = (a * M + m[:, None]).to(tl.int64) * K
+        acc += tl.load(X + rows + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)
+    tl.store(Y + a * K + k, tl.sum(acc, axis=0), mask=k < K)
+
+
+def middle_sum(x: torch.Tensor) -> torch.Tensor:
+    """[A, M, K] fp32 contiguous -> [A, K]: the sum over M (the preparation backward's per-block bias
+    partials; torch's reduction read them at about half the H100's bandwidth)."""
+    A, M, K = x.shape
+    y = torch.empty(A, K, device=x.device, dtype=torch.float32)
+    if y.numel() == 0:
+        return y
+    if M == 0:
+        return y.zero_()
+    BM, BK = 128, 32
+    _middle_sum_kernel[(triton.cdiv(K, BK), A)](x, y, M, K, BLOCK_M=BM, BLOCK_K=BK,
+                                                NM_STATIC=static_loop(triton.cdiv(M, BM)), num_warps=4)
+    return y
+
+
 PREP_BWD_NUM_WARPS = 1   # H100, 8x2048: 8 rows in one warp 0.45 ms, 16 rows at 4 warps 0.62 (35 barriers per head)
 PREP_BWD_PROGRAMS = 1     # target programs for splitting a group's heads (H100, 8x2048: no split 0.62 ms,
                           # 2048: 0.66, 4096: 0.68, 8192: 0.73)
@@ -647,5 +692,5 @@ def prep_bwd(q, k, q_bias, k_bias, dt, trap, angles, th0, rows, dQ, dK, dskip):
         dq, dk = dq[0], dk[0]
     if not per_head:
         dangl = dangl.sum((0, 3)) if sp * G > 1 else dangl[0, :, :, 0]
-    dqb, dkb = dqkb.sum((1, 2)).unbind(0)
+    dqb, dkb = middle_sum(dqkb.view(2, B * nblk, H * N)).view(2, H, N).unbind(0)
     return dq, dk, dtot, ddtl, dangl, dcs, dgam, dqb, dkb
