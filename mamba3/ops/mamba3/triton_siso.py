@@ -6,8 +6,9 @@ Single-SSD fold of chunked.py (SPEC section 2), chunk-parallel:
              the rotated/scaled k and the skip coefficient D + gamma <q, k>; the SSD core then runs
              in chunk groups with the state in registers and writes intra + inter + skip x, gated
              by silu(z).
-    backward (triton_siso_bwd.py): the gate backward and skip sum in one pass over [B, T, H, P],
-             the SSD-core backward (three launches mirroring the forward), a kernel back through
+    backward (triton_siso_bwd.py): the gate backward in one pass over [B, T, H, P],
+             the SSD-core backward (three launches mirroring the forward; the chunk kernel also sums
+             d skip = <dO, v>), a kernel back through
              bias/rotation/scale per (block, batch*group) that sums the q/k gradients over the
              group's heads (also d gamma, d c, the block-local phase terms and bias partial sums),
              one cumsum over the blocks' phase-gradient sums, and a pass over [B, T, H] finishing
@@ -146,12 +147,14 @@ class Mamba3SisoFn(torch.autograd.Function):
         B, T, H, P = v.shape
         if dy is None:
             dy = torch.zeros(v.shape, device=v.device, dtype=v.dtype)
-        dO, dz, dskip = gate_bwd(dy, z, ypre, v, kd)            # one pass over [B, T, H, P]
+        dO, dz, _ = gate_bwd(dy, z, ypre, v, kd, skip_sum=False)   # one pass over [B, T, H, P]
         vk = v if v.dtype == kd else v.to(kd)
+        dskip = torch.empty(B, T, H, device=v.device, dtype=torch.float32)   # <dO, v>, from the core backward
         dQ, dK, dv, ddA, dS0 = ssd_core_bwd(Q, K, vk, dA, dO, states, dec,
                                             None if dfinal is None else dfinal.float().contiguous(), C,
                                             skip=skip, dv_dtype=v.dtype,
-                                            dqk_dtype=kd if QK_GRADS_16BIT else torch.float32)  # dv: + skip dO
+                                            dqk_dtype=kd if QK_GRADS_16BIT else torch.float32,
+                                            dskip_out=dskip)          # dv: + skip dO
         rows = prep_rows(C)
         dq, dk, dtot, ddt_loc, dang_loc, dcs, dgamma, dqb, dkb = prep_bwd(q, k, q_bias, k_bias, dt, trap, angles,
                                                                          th0, rows, dQ, dK, dskip)

@@ -197,9 +197,9 @@ def _state_cols(ptr, base, P, N, n0, BLOCK_P: tl.constexpr, BLOCK: tl.constexpr)
 
 @fast_launch
 @triton.jit
-def _chunk_bwd_kernel(Q, K, V, dA, dY, ST, GS, SKIP, dQ, dK, dV, ddA, T, H, nc, N, P,
+def _chunk_bwd_kernel(Q, K, V, dA, dY, ST, GS, SKIP, DSKIP, dQ, dK, dV, ddA, T, H, nc, N, P,
                       sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, syb, syt, syh,
-                      HAS_SKIP: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+                      HAS_SKIP: tl.constexpr, SKIP_SUM: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_P: tl.constexpr, PREC: tl.constexpr, NSPLIT: tl.constexpr):
     """Chunk c of one (batch, head). The state dimension N is walked in NSPLIT column blocks, twice
     (first the [C, C] scores and the state-building term, then dQ, dK per block), so that no more
@@ -244,6 +244,9 @@ def _chunk_bwd_kernel(Q, K, V, dA, dY, ST, GS, SKIP, dQ, dK, dV, ddA, T, H, nc, 
     if HAS_SKIP:   # y_t += skip_t x_t (skip [B, T, H] fp32, dA's layout)
         skip = tl.load(SKIP + b * sdb + t * sdt + h * sdh, mask=t < T, other=0.0)
         dv += skip[:, None] * dy.to(tl.float32)
+    if SKIP_SUM:   # d skip_t = <dY_t, V_t> (dA's layout)
+        tl.store(DSKIP + b * sdb + t * sdt + h * sdh, tl.sum(dy.to(tl.float32) * v.to(tl.float32), axis=1),
+                 mask=t < T)
     _store_chunk(dV, dv, b, h, c, T, svb, svt, svh, CHUNK, BLOCK_P, P)
     dsc = (dp * decay).to(dt)
     # pass 2: dQ = dsc K + e (dY S), dK = dsc^T Q + w (V G) per column block
@@ -283,11 +286,12 @@ def bwd_layout(dtype: torch.dtype, block_n: int, default_warps: int, deep: bool 
 
 
 def ssd_core_bwd(Q, K, V, dA, dY, states, dec, dSF, chunk_size: int, skip=None, dv_dtype=torch.float32,
-                 dqk_dtype=torch.float32):
+                 dqk_dtype=torch.float32, dskip_out=None):
     """Gradients of :func:`ssd_core_fwd`: (dQ, dK in ``dqk_dtype``, dV in ``dv_dtype``, in the inputs'
     layouts, d dA fp32, d initial state fp32 [B, H, P, N]). ``states`` are the forward's entering
     states; Q, K, V, dA, dY must be contiguous (dY in Q's dtype). ``skip`` [B, T, H] fp32 (dA's
-    layout): the output also had skip_t V_t, so dV gets skip_t dY_t."""
+    layout): the output also had skip_t V_t, so dV gets skip_t dY_t; ``dskip_out`` [B, T, H] fp32
+    (dA's layout) or None: filled with d skip_t = <dY_t, V_t>."""
     B, T, H, N = Q.shape
     P = V.shape[-1]
     C = chunk_size
@@ -319,9 +323,11 @@ def ssd_core_bwd(Q, K, V, dA, dY, states, dec, dSF, chunk_size: int, skip=None, 
                                                             NC_STATIC=static_loop(nc), num_warps=4)
     nsplit, bwd_nw, stages = bwd_layout(Q.dtype, BN, nw, deep=group_pipeline_depth(Q.dtype, Q.device) > 1)
     # dQ/dK/dV/ddA are fresh contiguous tensors with Q/K/V/dA's shapes, so the same strides apply
-    _chunk_bwd_kernel[(nc, B * H)](Q, K, V, dA, dY, states, gs, ddA if skip is None else skip, dQ, dK, dV, ddA,
+    _chunk_bwd_kernel[(nc, B * H)](Q, K, V, dA, dY, states, gs, ddA if skip is None else skip,
+                                   ddA if dskip_out is None else dskip_out, dQ, dK, dV, ddA,
                                    T, H, nc, N, P, *Q.stride()[:3], *K.stride()[:3], *V.stride()[:3],
-                                   *dA.stride(), *dY.stride()[:3], HAS_SKIP=skip is not None, CHUNK=C,
+                                   *dA.stride(), *dY.stride()[:3], HAS_SKIP=skip is not None,
+                                   SKIP_SUM=dskip_out is not None, CHUNK=C,
                                    BLOCK_N=BN, BLOCK_P=BP, PREC=prec, NSPLIT=nsplit, num_warps=bwd_nw,
                                    **({} if stages is None else dict(num_stages=stages)))
     return dQ, dK, dV, ddA, dS0
@@ -330,9 +336,9 @@ def ssd_core_bwd(Q, K, V, dA, dY, states, dec, dSF, chunk_size: int, skip=None, 
 @fast_launch
 @triton.jit
 def _gate_bwd_kernel(DY, Z, YPRE, V, DO, DZ, DSKIP, M, P,
-                     HAS_Z: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Rows m of [M, P] (M = B T H, all contiguous): y = ypre * silu(z) backward and the skip
-    sum, in one pass. dO = dy z sigmoid(z) (dy without z), dz = dy ypre sg (1 + z (1 - sg)),
+                     HAS_Z: tl.constexpr, SKIP_SUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Rows m of [M, P] (M = B T H, all contiguous): y = ypre * silu(z) backward (and with SKIP_SUM
+    the skip sum) in one pass. dO = dy z sigmoid(z) (dy without z), dz = dy ypre sg (1 + z (1 - sg)),
     dskip[m] = sum_p dO v (fp32, from the unrounded dO)."""
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     p = tl.arange(0, BLOCK_P)
@@ -348,25 +354,29 @@ def _gate_bwd_kernel(DY, Z, YPRE, V, DO, DZ, DSKIP, M, P,
     else:
         do = dy
     tl.store(DO + off, do.to(DO.dtype.element_ty), mask=mask)
-    v = tl.load(V + off, mask=mask, other=0.0).to(tl.float32)
-    tl.store(DSKIP + m, tl.sum(do * v, axis=1), mask=m < M)
+    if SKIP_SUM:
+        v = tl.load(V + off, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DSKIP + m, tl.sum(do * v, axis=1), mask=m < M)
 
 
-def gate_bwd(dy, z, ypre, v, do_dtype):
+def gate_bwd(dy, z, ypre, v, do_dtype, skip_sum=True):
     """Launch :func:`_gate_bwd_kernel`: (dO [B, T, H, P] in ``do_dtype``, dz in z's dtype or None,
-    dskip [B, T, H] fp32). v, z, ypre contiguous [B, T, H, P]; dy any layout of that shape."""
+    dskip [B, T, H] fp32, or None without ``skip_sum``: then the chunk backward sums it, from the
+    dO it loads anyway, which saves this pass reading v). v, z, ypre contiguous [B, T, H, P]; dy
+    any layout of that shape."""
     B, T, H, P = v.shape
     M = B * T * H
     dy = dy.contiguous()
     do = torch.empty(v.shape, device=v.device, dtype=do_dtype)
     dz = None if z is None else torch.empty_like(z)
-    dskip = torch.empty(B, T, H, device=v.device, dtype=torch.float32)
+    dskip = torch.empty(B, T, H, device=v.device, dtype=torch.float32) if skip_sum else None
     BP = triton.next_power_of_2(P)
     BM = max(1, 4096 // BP)
     if M:
         _gate_bwd_kernel[(triton.cdiv(M, BM),)](dy, dy if z is None else z, dy if z is None else ypre, v, do,
-                                               do if dz is None else dz, dskip, M, P, HAS_Z=z is not None,
-                                               BLOCK_M=BM, BLOCK_P=BP, num_warps=8)
+                                               do if dz is None else dz, do if dskip is None else dskip, M, P,
+                                               HAS_Z=z is not None, SKIP_SUM=skip_sum, BLOCK_M=BM, BLOCK_P=BP,
+                                               num_warps=8)
     return do, dz, dskip
 
 
