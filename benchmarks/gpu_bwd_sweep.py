@@ -38,14 +38,7 @@ VARIANTS = {
 
 
 def one_shape(B, T, names):
-    xs = gk.inputs(B, T, seed=5)
-    leaves = {n: x.clone().requires_grad_(True) for n, x in xs.items()}
-    dy = torch.randn(B, T, gk.H, gk.P, device="cuda", dtype=torch.bfloat16)
-
-    def step():
-        for t in leaves.values():
-            t.grad = None
-        gk.mamba3_siso_triton(*(leaves[n] for n in gk.NAMES), chunk_size=gk.CHUNK)[0].backward(dy)
+    xs, leaves, step = gk.siso_step(B, T, seed=5)
 
     def grads():
         step()

@@ -36,14 +36,7 @@ def main():
 
 
 def one_shape(B, T):
-    xs = gk.inputs(B, T, seed=1)
-    leaves = {n: x.clone().requires_grad_(True) for n, x in xs.items()}
-    dy = torch.randn(B, T, gk.H, gk.P, device="cuda", dtype=torch.bfloat16)
-
-    def step():
-        for t in leaves.values():
-            t.grad = None
-        gk.mamba3_siso_triton(*(leaves[n] for n in gk.NAMES), chunk_size=gk.CHUNK)[0].backward(dy)
+    xs, leaves, step = gk.siso_step(B, T, seed=1)
 
     def fwd():
         with torch.no_grad():
@@ -103,7 +96,7 @@ def one_shape(B, T):
         for t in leaves.values():
             t.grad = None
         with torch.cuda.graph(g):
-            gk.mamba3_siso_triton(*(leaves[n] for n in gk.NAMES), chunk_size=gk.CHUNK)[0].backward(dy)
+            step()
         res["graph_fwdbwd_ms"] = do_bench(g.replay, return_mode="median")
         print("graph fwdbwd", res["graph_fwdbwd_ms"], flush=True)
     except Exception as e:

@@ -64,6 +64,22 @@ def inputs(B, T, dtype=torch.bfloat16, seed=0):
                 angles=r(B, T, S), D=r(H), z=r(B, T, H, P).to(dtype))
 
 
+def siso_step(B, T, seed=1):
+    """(inputs, leaf copies requiring grad, step): step() clears the leaves' grads and runs one SISO
+    fwd+bwd (config A) against a fixed random output gradient, returning y."""
+    xs = inputs(B, T, seed=seed)
+    leaves = {n: x.clone().requires_grad_(True) for n, x in xs.items()}
+    dy = torch.randn(B, T, H, P, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        for t in leaves.values():
+            t.grad = None
+        y = mamba3_siso_triton(*(leaves[n] for n in NAMES), chunk_size=CHUNK)[0]
+        y.backward(dy)
+        return y
+    return xs, leaves, step
+
+
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 

@@ -66,16 +66,7 @@ def micro():
 
 
 def one_shape(B, T):
-    xs = gk.inputs(B, T, seed=1)
-    leaves = {n: t.clone().requires_grad_(True) for n, t in xs.items()}
-    dy = torch.randn(B, T, gk.H, gk.P, device="cuda", dtype=torch.bfloat16)
-
-    def step():
-        for t in leaves.values():
-            t.grad = None
-        y = gk.mamba3_siso_triton(*(leaves[n] for n in gk.NAMES), chunk_size=gk.CHUNK)[0]
-        y.backward(dy)
-        return y
+    xs, leaves, step = gk.siso_step(B, T, seed=1)
 
     def fwd():
         with torch.no_grad():
