@@ -6,7 +6,8 @@
 
 Forward: the preparation kernel alone over (tokens per program, warps), then the whole no-grad
 forward over the epilogue's tokens per program. --bwd: the whole fwd+bwd over the preparation
-backward's warps (do_bench medians, ms). Correctness of the same paths is checked by
+backward's warps, the epilogue / X backward's tokens per program and the epilogue backward's warps,
+one at a time (do_bench medians, ms). Correctness of the same paths is checked by
 gpu_kernels.py --mimo (forward, inference forward and every gradient vs the fp32 chunked path).
 """
 from __future__ import annotations
@@ -64,14 +65,17 @@ def sweep_bwd(xs, res):
     import mamba3.ops.mamba3.triton_mimo_bwd as mb
     leaves = {n: x.clone().requires_grad_(True) for n, x in xs.items()}
     dy = torch.randn_like(xs["v"])
-    default = mb.MIMO_PREP_BWD_WARPS
-    for nw in (1, 2, 4, 8):
-        mb.MIMO_PREP_BWD_WARPS = nw
-        res["ms"][f"fwdbwd_prep_bwd_warps{nw}"] = do_bench(
-            lambda: mamba3_mimo(*(leaves[n] for n in gk.MIMO_NAMES), impl="triton")[0].backward(dy),
-            grad_to_none=list(leaves.values()), return_mode="median")
-        print(nw, res["ms"][f"fwdbwd_prep_bwd_warps{nw}"], flush=True)
-    mb.MIMO_PREP_BWD_WARPS = default
+    settings = [("MIMO_PREP_BWD_WARPS", (1, 2, 4)), ("MIMO_BWD_TOKENS", (16, 32)), ("MIMO_OUT_BWD_WARPS", (2, 4))]
+    for name, values in settings:      # one setting at a time, the others at their defaults
+        default = getattr(mb, name)
+        for value in values:
+            setattr(mb, name, value)
+            key = f"fwdbwd_{name.lower()}_{value}"
+            res["ms"][key] = do_bench(
+                lambda: mamba3_mimo(*(leaves[n] for n in gk.MIMO_NAMES), impl="triton")[0].backward(dy),
+                grad_to_none=list(leaves.values()), return_mode="median")
+            print(key, round(res["ms"][key], 4), flush=True)
+        setattr(mb, name, default)
 
 
 if __name__ == "__main__":

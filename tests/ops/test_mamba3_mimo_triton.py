@@ -130,6 +130,31 @@ def test_inference_forward_fused_kernels_match_fp64_reference(R, chunk, G, H, no
         assert a.shape == b.shape and rel(a, b) < 1e-4, f"final.{name}"
 
 
+def test_same_time_block_backward_matches_autograd():
+    """The backward of W[r, j] = (gamma - c [j < r]) <q_r + q_bias_r, k_j + k_bias_j> (PyTorch, per
+    group of heads) against autograd through the formula in float64."""
+    from mamba3.ops.mamba3.triton_mimo_bwd import same_time_block_bwd
+    B, T, R, G, H, N = 2, 5, 4, 2, 4, 8
+    g = torch.Generator().manual_seed(3)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    q, k, qb, kb, dW = r(B, T, R, G, N), r(B, T, R, G, N), r(H, R, N), r(H, R, N), r(B, T, H, R, R)
+    dt, trap = torch.rand(B, T, H, generator=g, dtype=torch.float64), r(B, T, H)
+    lam = torch.sigmoid(trap)
+    gamma = lam * dt
+    cs = gamma + torch.nn.functional.pad(((1 - lam) * dt)[:, 1:], (0, 0, 0, 1))
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, qb, kb, gamma, cs)]
+    lq, lk, lqb, lkb, lg, lc = leaves
+    heads = torch.arange(H) // (H // G)
+    qh, kh = lq[:, :, :, heads] + lqb.transpose(0, 1), lk[:, :, :, heads] + lkb.transpose(0, 1)   # [B, T, R, H, N]
+    lower = torch.ones(R, R, dtype=torch.bool).tril(-1)
+    W = (lg[..., None, None] - lc[..., None, None] * lower) * torch.einsum("brhn,bjhn->bhrj", qh.flatten(0, 1),
+                                                                            kh.flatten(0, 1)).view(B, T, H, R, R)
+    (W * dW).sum().backward()
+    got = same_time_block_bwd(dW, q, k, qb, kb, dt, trap)
+    for name, a, leaf in zip(("q", "k", "q_bias", "k_bias", "gamma", "c"), got, (lq, lk, lqb, lkb, lg, lc)):
+        assert a.shape == leaf.shape and rel(a, leaf.grad) < 1e-6, name     # gamma, c and the sums in fp32
+
+
 def test_gradient_through_final_phase_and_key():
     """The final state's angle and k [B, R, H, N] are differentiable (dt, angles, k, k_bias and the
     initial phase vs float64)."""

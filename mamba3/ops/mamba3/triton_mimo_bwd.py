@@ -6,14 +6,17 @@
   2. the SISO core backward (``ssd_core_bwd``) on the T*R rows: d QS, d KS, d X, d dA rows;
   3. ``_mimo_x_bwd_kernel``: d X[j] = d X_core[j] + sum_r W[r, j] d Y[r], then dx = sum_j psi_j dX[j]
      and partial sums for psi (mimo_x);
-  4. ``_mimo_prep_bwd_kernel``: back through the rotation, biases, the trapezoid scale and the
-     same-time block, one program per (block of tokens, batch, q/k group, rank) looping over the
-     group's heads (dq, dk summed there); the phase terms (as _prep_bwd_kernel) are per-rank partials
-     summed after, then ``phase_dt_bwd`` finishes d dt, d trap and d angles.
+  4. ``_mimo_prep_bwd_kernel``: back through the rotation, biases and the trapezoid scale, one
+     program per (block of tokens, batch, head) for all ranks, writing each head's d q_r, d k_r over
+     the core's dQS, dKS (summed over the group's heads after);
+  5. ``same_time_block_bwd`` (PyTorch on [B, T, H, R, R] tensors and small products): the same-time
+     block's share of d q, d k, the biases, d gamma and d c; then ``phase_dt_bwd`` finishes d dt,
+     d trap and d angles.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -23,9 +26,13 @@ from .triton_mimo_fwd import _biased_halves, _rank_output, _rank_rows, _token_bl
 from .triton_siso_bwd import _head_rotation, _shared_rate, phase_dt_bwd, ssd_core_bwd
 from .triton_siso_fwd import _row_coeffs, nonempty
 
-MIMO_BWD_TOKENS = 16      # tokens per program of the epilogue and X backward kernels
-MIMO_PREP_BWD_WARPS = 4   # H100, 8x2048, R=4 fwd+bwd (gpu_mimo_fwd_sweep.py --bwd): 1: 24.4 ms, 2: 13.4, 4: 11.7,
-                          # 8: 13.9
+# H100, 8x2048, R=4, fwd+bwd ms (gpu_mimo_fwd_sweep.py --bwd, gpu_mimo_bwd_sweep_s11d.json): tokens per
+# program of the epilogue and X backward 16: 9.92, 32: 9.84; epilogue backward warps 2: 9.83, 4: 10.12;
+# preparation backward warps 1: 11.12, 2: 9.85, 4: 10.43 (its per-(block, batch, rank) form looping over the
+# group's heads, summing d q, d k in registers: 10.18 at 2 warps, 10.28 with the heads in 4 splits)
+MIMO_BWD_TOKENS = 32
+MIMO_OUT_BWD_WARPS = 2
+MIMO_PREP_BWD_WARPS = 2
 
 
 @fast_launch
@@ -109,23 +116,25 @@ def _mimo_x_bwd_kernel(DXC, DYC, W, V, PSI, DX, DPSI, T, H, P, npt,
 
 @fast_launch
 @triton.jit
-def _mimo_prep_bwd_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, dQS, dKS, DW, DQ, DK, DTOT, DDTL, DANGL, DCS, DGAM,
-                          DQB, DKB, B, T, H, G, nblk, N, S, sqb, sqt, sqr, sqg, sdb, sdt, sdh, sab, sat, sah,
-                          ANG_PER_HEAD: tl.constexpr, HG: tl.constexpr, R: tl.constexpr, ROWS: tl.constexpr,
+def _mimo_prep_bwd_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, dQS, dKS, DTOT, DDTL, DANGL, DCS, DQB, DKB, B, T, H, G, nblk, N, S, sqb, sqt, sqr, sqg, sdb, sdt, sdh, sab, sat, sah,
+                          ANG_PER_HEAD: tl.constexpr, R: tl.constexpr, ROWS: tl.constexpr,
                           BLOCK_N2: tl.constexpr):
-    """Rank r of ROWS tokens of one (batch, q/k group), looping over the group's HG heads.
-    In: dQS, dKS rows [B, T*R, H, N]; DW [B, T, H, R, R] fp32. Out (fp32 unless noted):
-      DQ, DK [B, T, R, G, N] (q's dtype): the gradients of q_r, k_r summed over the heads;
-      per-rank partials (leading axis R) of: DTOT [R, B, H, S, nblk] (block sums of d theta, reversed
-      block order as in _prep_bwd_kernel), DDTL [R, B, T, H], DANGL ([R, B, T, G, S]; per-head
-      angles [R, B, T, H, S]), DCS = d c and DGAM = d gamma (with d c) [R, B, T, H];
-      DQB, DKB [nblk, B, H, R, N]: the bias gradients' sums over the block's tokens."""
+    """Back through the rotation, biases and trapezoid scale of all R ranks of ROWS tokens of one
+    (batch, head); the same-time block's terms are added by the caller (same_time_block_bwd). The
+    programs are independent: a loop over the group's heads inside one program left the GPU waiting
+    on its serial chain.
+    In: dQS, dKS rows [B, T*R, H, N]. Out (fp32 unless noted):
+      dQS, dKS overwritten in place with this head's gradients of q_r + q_bias_r, k_r + k_bias_r
+      (the caller sums the group's heads);
+      DTOT [B, H, S, nblk] (block sums of d theta, reversed block order as in _prep_bwd_kernel),
+      DDTL [B, T, H], DANGL [B, T, H, S] (per head also for shared angles: summed by the caller),
+      DCS = d c [B, T, H]; DQB, DKB [nblk, B, H, R, N]: the bias gradients' sums over the block's
+      tokens."""
     blk = tl.program_id(0)
-    pid = tl.program_id(1)
-    r = pid % R
-    bg = pid // R
-    b = bg // G
-    g = bg % G
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    g = h // (H // G)
     half = N // 2
     i = tl.arange(0, BLOCK_N2)
     rot = i < S
@@ -133,19 +142,15 @@ def _mimo_prep_bwd_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, dQS, dKS, DW, DQ, DK
     tm = t < T
     m = tm[:, None] & (i[None, :] < half)
     bt = (b * T + t).to(tl.int64)
-    acc_ql = tl.zeros([ROWS, BLOCK_N2], dtype=tl.float32)
-    acc_qh = tl.zeros([ROWS, BLOCK_N2], dtype=tl.float32)
-    acc_kl = tl.zeros([ROWS, BLOCK_N2], dtype=tl.float32)
-    acc_kh = tl.zeros([ROWS, BLOCK_N2], dtype=tl.float32)
-    acc_ang = tl.zeros([ROWS, BLOCK_N2], dtype=tl.float32)
-    shared = acc_ang
-    if not ANG_PER_HEAD:   # shared by the heads: the rate once per program
+    shared = tl.zeros([ROWS, BLOCK_N2], dtype=tl.float32)
+    if not ANG_PER_HEAD:
         shared = _shared_rate(ANG, b, t, T, S, sab, sat, BLOCK_N2)
-    for hl in range(HG):
-        h = g * HG + hl
-        dt, gamma, cs = _row_coeffs(DT, TRAP, b, h, t, T, sdb, sdt, sdh)
-        cos, sin, rate = _head_rotation(ANG, TH0, dt, shared, b, h, t, T, S, H, nblk, blk, sab, sat, sah,
-                                        ANG_PER_HEAD, BLOCK_N2)
+    dt, gamma, cs = _row_coeffs(DT, TRAP, b, h, t, T, sdb, sdt, sdh)
+    cos, sin, rate = _head_rotation(ANG, TH0, dt, shared, b, h, t, T, S, H, nblk, blk, sab, sat, sah,
+                                    ANG_PER_HEAD, BLOCK_N2)
+    dth = tl.zeros([ROWS, BLOCK_N2], dtype=tl.float32)
+    dc_all = tl.zeros([ROWS], dtype=tl.float32)
+    for r in range(R):                               # a runtime loop: unrolled, the loads crowd the registers
         qlo, qhi = _biased_halves(Q, QB, b, t, r, g, h, T, half, sqb, sqt, sqr, sqg, R, BLOCK_N2)
         klo, khi = _biased_halves(K, KB, b, t, r, g, h, T, half, sqb, sqt, sqr, sqg, R, BLOCK_N2)
         off = ((bt[:, None] * R + r) * H + h) * N + i[None, :]
@@ -160,59 +165,23 @@ def _mimo_prep_bwd_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, dQS, dKS, DW, DQ, DK
         dc = tl.sum(wlo * klo + whi * khi, axis=1)
         wlo = wlo * cs[:, None]
         whi = whi * cs[:, None]
-        dth = tl.where(rot[None, :], qlo * uhi - qhi * ulo + klo * whi - khi * wlo, 0.0)
-        # same-time block W[r, j] = (gamma - c [j < r]) M[r, j] + D [r = j], M[r, j] = <q_r, k_j>:
-        # this program owns row r (d gamma, d c) and both row r and column r for d q_r, d k_r
-        dgam = tl.zeros([ROWS], dtype=tl.float32)
-        wrow = DW + (bt * H + h) * R * R
-        for j in tl.static_range(R):
-            dw_rj = tl.load(wrow + r * R + j, mask=tm, other=0.0)
-            dw_jr = tl.load(wrow + j * R + r, mask=tm, other=0.0)
-            kjlo, kjhi = _biased_halves(K, KB, b, t, j, g, h, T, half, sqb, sqt, sqr, sqg, R, BLOCK_N2)
-            qjlo, qjhi = _biased_halves(Q, QB, b, t, j, g, h, T, half, sqb, sqt, sqr, sqg, R, BLOCK_N2)
-            m_rj = tl.sum(qlo * kjlo + qhi * kjhi, axis=1)
-            dgam += dw_rj * m_rj
-            if j < r:                                # W[r, j] = (gamma - c) M[r, j]; W[j, r] = gamma M[j, r]
-                dc -= dw_rj * m_rj
-                a_rj = (dw_rj * (gamma - cs))[:, None]
-                a_jr = (dw_jr * gamma)[:, None]
-            elif j > r:
-                a_rj = (dw_rj * gamma)[:, None]
-                a_jr = (dw_jr * (gamma - cs))[:, None]
-            else:
-                a_rj = (dw_rj * gamma)[:, None]
-                a_jr = a_rj
-            ulo += a_rj * kjlo
-            uhi += a_rj * kjhi
-            wlo += a_jr * qjlo
-            whi += a_jr * qjhi
-        acc_ql += ulo
-        acc_qh += uhi
-        acc_kl += wlo
-        acc_kh += whi
-        prior = tl.cumsum(dth, axis=0) - dth
-        tl.store(DTOT + (((r * B + b) * H + h) * S + i) * nblk + nblk - 1 - blk, tl.sum(dth, axis=0), mask=rot)
-        ht = (r * B * T + bt) * H + h
-        tl.store(DDTL + ht, -tl.sum(prior * rate, axis=1), mask=tm)
-        if ANG_PER_HEAD:
-            tl.store(DANGL + ht[:, None] * S + i[None, :], -dt[:, None] * prior, mask=tm[:, None] & rot[None, :])
-        else:
-            acc_ang -= dt[:, None] * prior
-        tl.store(DCS + ht, dc, mask=tm)
-        tl.store(DGAM + ht, dc + dgam, mask=tm)
+        dth += tl.where(rot[None, :], qlo * uhi - qhi * ulo + klo * whi - khi * wlo, 0.0)
+        dc_all += dc
+        tl.store(dQS + off, ulo.to(dQS.dtype.element_ty), mask=m)
+        tl.store(dQS + off + half, uhi.to(dQS.dtype.element_ty), mask=m)
+        tl.store(dKS + off, wlo.to(dKS.dtype.element_ty), mask=m)
+        tl.store(dKS + off + half, whi.to(dKS.dtype.element_ty), mask=m)
         pb = (((blk * B + b) * H + h) * R + r) * N + i
         tl.store(DQB + pb, tl.sum(ulo, axis=0), mask=i < half)
         tl.store(DQB + pb + half, tl.sum(uhi, axis=0), mask=i < half)
         tl.store(DKB + pb, tl.sum(wlo, axis=0), mask=i < half)
         tl.store(DKB + pb + half, tl.sum(whi, axis=0), mask=i < half)
-    go = ((bt[:, None] * R + r) * G + g) * N + i[None, :]
-    tl.store(DQ + go, acc_ql.to(DQ.dtype.element_ty), mask=m)
-    tl.store(DQ + go + half, acc_qh.to(DQ.dtype.element_ty), mask=m)
-    tl.store(DK + go, acc_kl.to(DK.dtype.element_ty), mask=m)
-    tl.store(DK + go + half, acc_kh.to(DK.dtype.element_ty), mask=m)
-    if not ANG_PER_HEAD:
-        tl.store(DANGL + ((r * B * T + bt[:, None]) * G + g) * S + i[None, :], acc_ang,
-                 mask=tm[:, None] & rot[None, :])
+    prior = tl.cumsum(dth, axis=0) - dth
+    tl.store(DTOT + ((b * H + h) * S + i) * nblk + nblk - 1 - blk, tl.sum(dth, axis=0), mask=rot)
+    ht = bt * H + h
+    tl.store(DDTL + ht, -tl.sum(prior * rate, axis=1), mask=tm)
+    tl.store(DANGL + ht[:, None] * S + i[None, :], -dt[:, None] * prior, mask=tm[:, None] & rot[None, :])
+    tl.store(DCS + ht, dc_all, mask=tm)
 
 
 def mimo_out_bwd(dout, yc, v, mimo_x, W, z, mimo_z, mimo_o, norm_weight, eps):
@@ -234,7 +203,7 @@ def mimo_out_bwd(dout, yc, v, mimo_x, W, z, mimo_z, mimo_o, norm_weight, eps):
                                            dz if dz is not None else dyc, dmo, dmz, dnw, T, H, P, float(eps), npt,
                                            HAS_Z=z is not None, HAS_NORM=norm_weight is not None, R=R,
                                            TOK=MIMO_BWD_TOKENS, BLOCK_P=max(16, triton.next_power_of_2(P)),
-                                           num_warps=4)
+                                           num_warps=MIMO_OUT_BWD_WARPS)
     return (dyc, dW, dz, dmo.sum(0), None if z is None else dmz.sum(0),
             None if norm_weight is None else dnw.sum(0))
 
@@ -253,34 +222,69 @@ def mimo_x_bwd(dxc, dyc, W, v, mimo_x):
     return dx, dpsi.sum(0)
 
 
-def mimo_prep_bwd(q, k, q_bias, k_bias, dt, trap, angles, th0, rows, dQS, dK_S, dW):
+def mimo_prep_bwd(q, k, q_bias, k_bias, dt, trap, angles, th0, rows, dQS, dK_S):
     """Launch :func:`_mimo_prep_bwd_kernel` (raw inputs contiguous as in the forward; grid (blocks,
-    B*G*R)) and sum its per-rank partials. Returns (dq, dk [B, T, R, G, N] in q's dtype; dtot
-    [B, H, S, nblk] (reversed blocks), ddt_local [B, T, H], dang_local ([B, T, S] or per head
-    [B, T, H, S]), dc, dgamma [B, T, H], all fp32; d q_bias, d k_bias [H, R, N] fp32)."""
+    B*H); dQS, dK_S are overwritten) and sum its per-head parts. Returns (dq, dk [B, T, R, G, N]
+    fp32; dtot [B, H, S, nblk] (reversed blocks), ddt_local [B, T, H], dang_local ([B, T, S] or per
+    head [B, T, H, S]), dc [B, T, H], all fp32; d q_bias, d k_bias [H, R, N] fp32), the same-time
+    block's terms not included."""
     B, T, R, G, N = q.shape
     H = dt.shape[2]
     S = angles.shape[-1]
     nblk = th0.shape[2]
     per_head = angles.dim() == 4
     f32 = dict(device=dt.device, dtype=torch.float32)
-    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
-    dtot = torch.zeros(R, B, H, S, nblk, **f32)
-    ddtl, dcs, dgam = (torch.empty(R, B, T, H, **f32) for _ in range(3))
-    dangl = torch.zeros(R, B, T, H, S, **f32) if per_head else torch.zeros(R, B, T, G, S, **f32)
+    dtot = torch.zeros(B, H, S, nblk, **f32)
+    ddtl, dcs = torch.empty(B, T, H, **f32), torch.empty(B, T, H, **f32)
+    dangl = torch.zeros(B, T, H, S, **f32)
     dqb, dkb = torch.zeros(nblk, B, H, R, N, **f32), torch.zeros(nblk, B, H, R, N, **f32)
     sa = (angles.stride(0), angles.stride(1), angles.stride(2) if per_head else 0)
     BN2 = max(16, triton.next_power_of_2(N // 2))
     if B * T * H:
-        _mimo_prep_bwd_kernel[(nblk, B * G * R)](
+        _mimo_prep_bwd_kernel[(nblk, B * H)](
             q, k, q_bias.float().contiguous(), k_bias.float().contiguous(), dt, trap, nonempty(angles, dt),
-            nonempty(th0, dt), dQS, dK_S, dW, dq, dk, nonempty(dtot, dcs), ddtl, nonempty(dangl, dcs), dcs, dgam,
-            dqb, dkb, B, T, H, G, nblk, N, S, *q.stride()[:4], *dt.stride(), *sa, ANG_PER_HEAD=per_head,
-            HG=H // G, R=R, ROWS=rows, BLOCK_N2=BN2, num_warps=MIMO_PREP_BWD_WARPS)
-    dangl = dangl.sum(0) if per_head else dangl.sum((0, 3))
-    return (dq, dk, dtot.sum(0), ddtl.sum(0), dangl, dcs.sum(0), dgam.sum(0), dqb.sum((0, 1)),
-            dkb.sum((0, 1)))
+            nonempty(th0, dt), dQS, dK_S, nonempty(dtot, dcs), ddtl, nonempty(dangl, dcs), dcs, dqb, dkb,
+            B, T, H, G, nblk, N, S, *q.stride()[:4], *dt.stride(), *sa, ANG_PER_HEAD=per_head, R=R, ROWS=rows,
+            BLOCK_N2=BN2, num_warps=MIMO_PREP_BWD_WARPS)
+    heads = lambda d: d.view(B, T, R, G, H // G, N).sum(4, dtype=torch.float32)
+    if not per_head:
+        dangl = dangl.view(B, T, G, H // G, S).sum((2, 3))
+    return heads(dQS), heads(dK_S), dtot, ddtl, dangl, dcs, dqb.sum((0, 1)), dkb.sum((0, 1))
+
+
+def same_time_block_bwd(dW, q, k, q_bias, k_bias, dt, trap):
+    """Back through the same-time block W[r, j] = (gamma - c [j < r]) M[r, j] + D [r = j] (gamma, c
+    per (token, head) as in _row_coeffs; M[r, j] = <q_r + q_bias_r, k_j + k_bias_j>), in PyTorch on
+    the [B, T, H, R, R] tensors (M from four products that keep the bias terms apart, so no
+    [B, T, R, H, N] tensor is formed): with A = dW (gamma - c [j < r]),
+    d q_r = sum_j A[r, j] (k_j + k_bias_j) and d k_r = sum_j A[j, r] (q_j + q_bias_j), summed over
+    each group's heads. Returns (dq, dk [B, T, R, G, N], d q_bias, d k_bias [H, R, N], d gamma,
+    d c [B, T, H]), all fp32."""
+    B, T, R, G, N = q.shape
+    H = dt.shape[2]
+    lam = torch.sigmoid(trap.float())
+    gamma = lam * dt.float()
+    cs = gamma + F.pad(((1.0 - lam) * dt.float())[:, 1:], (0, 0, 0, 1))
+    lower = torch.ones(R, R, device=dW.device, dtype=torch.bool).tril(-1)         # [r, j]: j < r
+    ty = q.dtype                   # half precision: tensor-core products with fp32 accumulation
+    qb32, kb32 = q_bias.float().view(G, H // G, R, N), k_bias.float().view(G, H // G, R, N)
+    qb, kb = qb32.to(ty), kb32.to(ty)
+    qf, kf = q.to(ty), k.to(ty)
+    ein = lambda eq, a, b: torch.einsum(eq, a, b).float()
+    M = (ein("btrgn,btjgn->btgrj", qf, kf).unsqueeze(3) + ein("btrgn,gxjn->btgxrj", qf, kb)
+         + ein("gxrn,btjgn->btgxrj", qb, kf) + ein("gxrn,gxjn->gxrj", qb32, kb32))
+    dwm = dW * M.reshape(B, T, H, R, R)
+    dgam = dwm.sum((-2, -1))
+    dc = -(dwm * lower).sum((-2, -1))
+    A = (dW * (gamma[..., None, None] - cs[..., None, None] * lower)).view(B, T, G, H // G, R, R)
+    A_heads = A.sum(3)                                                              # [B, T, G, R, R]
+    A_tokens = A.sum((0, 1)).float()                                                # [G, H/G, R, R]
+    A, A_heads = A.to(ty), A_heads.to(ty)
+    dq = ein("btgrj,btjgn->btrgn", A_heads, kf) + ein("btgxrj,gxjn->btrgn", A, kb)
+    dk = ein("btgjr,btjgn->btrgn", A_heads, qf) + ein("btgxjr,gxjn->btrgn", A, qb)
+    dqb = ein("btgxrj,btjgn->gxrn", A, kf) + torch.einsum("gxrj,gxjn->gxrn", A_tokens, kb32)
+    dkb = ein("btgxjr,btjgn->gxrn", A, qf) + torch.einsum("gxjr,gxjn->gxrn", A_tokens, qb32)
+    return dq, dk, dqb.reshape(H, R, N), dkb.reshape(H, R, N), dgam, dc
 
 
 def mimo_core_and_prep_bwd(saved, dout, dS_final, chunk_size, eps):
@@ -295,8 +299,12 @@ def mimo_core_and_prep_bwd(saved, dout, dS_final, chunk_size, eps):
     dQS, dKS, dxc, ddAx, dS0 = ssd_core_bwd(QS, KS, X, dAx, dyc, states, dec, dS_final,
                                             chunk_size * R, dv_dtype=torch.float32, dqk_dtype=QS.dtype)
     dx, dpsi = mimo_x_bwd(dxc, dyc, W, v, mimo_x)
-    dq, dk, dtot, ddt_loc, dang_loc, dcs, dgam, dqb, dkb = mimo_prep_bwd(q, k, q_bias, k_bias, dt, trap, angles,
-                                                                         th0, rows, dQS, dKS, dW)
+    dq, dk, dtot, ddt_loc, dang_loc, dcs, dqb, dkb = mimo_prep_bwd(q, k, q_bias, k_bias, dt, trap, angles, th0,
+                                                                   rows, dQS, dKS)
+    dq_w, dk_w, dqb_w, dkb_w, dgam_w, dc_w = same_time_block_bwd(dW, q, k, q_bias, k_bias, dt, trap)
+    dq, dk, dqb, dkb = (dq + dq_w).to(q.dtype), (dk + dk_w).to(k.dtype), dqb + dqb_w, dkb + dkb_w
+    dcs = dcs + dc_w
+    dgam = dcs + dgam_w
     ddt, dtrap, dang, dtheta0 = phase_dt_bwd(dtot, ddt_loc, dang_loc, angles, dgam, dcs, trap, dt, rows)
     dD = torch.diagonal(dW, dim1=-2, dim2=-1).sum((0, 1, 3))
     return dict(q=dq, k=dk, v=dx, dA=ddAx.view(B, T, R, H)[:, :, 0], dt=ddt, trap=dtrap, q_bias=dqb, k_bias=dkb,
