@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..utils import compute_dtype
 from .common import (Mamba3State, angle_increments, cumulative_angles, expand_groups, rotate_interleaved,
-                     siso_varlen)
+                     siso_varlen, trapezoid_coeffs)
 
 
 def mamba3_siso_chunked(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D=None, z=None, *,
@@ -53,13 +53,7 @@ def _chunked(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state,
     init_angle = None if initial_state is None else initial_state.angle.to(cd)
     theta = cumulative_angles(angle_increments(dt, angles), init_angle)     # [B, T, H, S]
     qr, kr = rotate_interleaved(qh, theta), rotate_interleaved(kh, theta)
-    lam = torch.sigmoid(trap)                                                 # [B, T, H]
-    gamma = lam * dt
-    shifted = F.pad(((1.0 - lam) * dt)[:, 1:], (0, 0, 0, 1))                # (1-lam_{t+1}) dt_{t+1}
-    if lengths is not None:  # padded varlen: no next token after each sequence's last one
-        valid = torch.arange(T, device=v.device)[None, :] < (lengths[:, None] - 1)
-        shifted = shifted * valid[..., None]
-    c = gamma + shifted
+    lam, gamma, c = trapezoid_coeffs(dt, trap, lengths)                       # [B, T, H]
     diag = gamma * (qh * kh).sum(-1)                                          # un-rotated <q, k>
 
     # State entering the first chunk: the cache's h plus the beta term of its last token

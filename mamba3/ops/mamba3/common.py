@@ -50,6 +50,19 @@ def zero_state(batch: int, nheads: int, headdim: int, d_state: int, n_angles: in
     )
 
 
+def trapezoid_coeffs(dt: Tensor, trap: Tensor, lengths: Optional[Tensor] = None):
+    """lam = sigmoid(trap), gamma_t = lam_t dt_t and the single-SSD key scale c_t = gamma_t +
+    (1 - lam_{t+1}) dt_{t+1}, the second term 0 after the last token (after each sequence's last one
+    with ``lengths`` [B]); dt, trap and the results [B, T, H]."""
+    lam = torch.sigmoid(trap)
+    gamma = lam * dt
+    shifted = torch.nn.functional.pad(((1.0 - lam) * dt)[:, 1:], (0, 0, 0, 1))    # (1-lam_{t+1}) dt_{t+1}
+    if lengths is not None:
+        valid = torch.arange(dt.shape[1], device=dt.device)[None, :] < (lengths[:, None] - 1)
+        shifted = shifted * valid[..., None]
+    return lam, gamma, gamma + shifted
+
+
 def angle_increments(dt: Tensor, angles: Tensor) -> Tensor:
     """Per-token phase increments dt * pi * tanh(angles).
 

@@ -16,20 +16,19 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from ..launch import fast_launch
 
+from .common import trapezoid_coeffs
 from .triton_mimo_fwd import _biased_halves, _rank_output, _rank_rows, _token_block
 from .triton_siso_bwd import _head_rotation, _shared_rate, phase_dt_bwd, ssd_core_bwd
 from .triton_siso_fwd import _row_coeffs, nonempty
 
-# H100, 8x2048, R=4, fwd+bwd ms (gpu_mimo_fwd_sweep.py --bwd, gpu_mimo_bwd_sweep_s11d.json): tokens per
-# program of the epilogue and X backward 16: 9.92, 32: 9.84; epilogue backward warps 2: 9.83, 4: 10.12;
-# preparation backward warps 1: 11.12, 2: 9.85, 4: 10.43 (its per-(block, batch, rank) form looping over the
-# group's heads, summing d q, d k in registers: 10.18 at 2 warps, 10.28 with the heads in 4 splits)
+# H100, 8x2048, R=4, fwd+bwd ms (gpu_mimo_fwd_sweep.py --bwd, gpu_mimo_bwd_sweep_s11.json): tokens per
+# program of the epilogue and X backward 16: 9.89, 32: 9.86; epilogue backward warps 2: 9.84, 4: 10.15;
+# preparation backward warps 1: 11.13, 2: 9.90, 4: 10.47 (variants dropped: BENCHMARKS.md, eleventh session)
 MIMO_BWD_TOKENS = 32
 MIMO_OUT_BWD_WARPS = 2
 MIMO_PREP_BWD_WARPS = 2
@@ -116,7 +115,8 @@ def _mimo_x_bwd_kernel(DXC, DYC, W, V, PSI, DX, DPSI, T, H, P, npt,
 
 @fast_launch
 @triton.jit
-def _mimo_prep_bwd_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, dQS, dKS, DTOT, DDTL, DANGL, DCS, DQB, DKB, B, T, H, G, nblk, N, S, sqb, sqt, sqr, sqg, sdb, sdt, sdh, sab, sat, sah,
+def _mimo_prep_bwd_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, dQS, dKS, DTOT, DDTL, DANGL, DCS, DQB, DKB,
+                          B, T, H, G, nblk, N, S, sqb, sqt, sqr, sqg, sdb, sdt, sdh, sab, sat, sah,
                           ANG_PER_HEAD: tl.constexpr, R: tl.constexpr, ROWS: tl.constexpr,
                           BLOCK_N2: tl.constexpr):
     """Back through the rotation, biases and trapezoid scale of all R ranks of ROWS tokens of one
@@ -262,9 +262,7 @@ def same_time_block_bwd(dW, q, k, q_bias, k_bias, dt, trap):
     d c [B, T, H]), all fp32."""
     B, T, R, G, N = q.shape
     H = dt.shape[2]
-    lam = torch.sigmoid(trap.float())
-    gamma = lam * dt.float()
-    cs = gamma + F.pad(((1.0 - lam) * dt.float())[:, 1:], (0, 0, 0, 1))
+    _, gamma, cs = trapezoid_coeffs(dt.float(), trap.float())
     lower = torch.ones(R, R, device=dW.device, dtype=torch.bool).tril(-1)         # [r, j]: j < r
     ty = q.dtype                   # half precision: tensor-core products with fp32 accumulation
     qb32, kb32 = q_bias.float().view(G, H // G, R, N), k_bias.float().view(G, H // G, R, N)
