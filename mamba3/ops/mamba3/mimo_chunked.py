@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..utils import compute_dtype, pack_to_padded, padded_to_pack, seq_lengths
-from .common import Mamba3State, angle_increments, cumulative_angles, rotate_halves
+from .common import Mamba3State, angle_increments, cumulative_angles, rotate_halves, trapezoid_coeffs
 from .mimo_reference import mimo_output
 
 # Bytes of one fp32 [b, T, R, h, max(N, P, C*R)] intermediate of a no-grad block (the forms peak
@@ -144,13 +144,8 @@ def _chunked(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x, mimo_z, mimo
         return (x + bias.to(cd).reshape(G, H // G, 1, R, N)).view(B, H, T, R, N)
     qh, kh = heads(q, q_bias), heads(k, k_bias)
     X = psi[:, None] * v.transpose(1, 2).unsqueeze(3)                         # [B, H, T, R, P]
-    dt_, lam = dt.transpose(1, 2), torch.sigmoid(trap).transpose(1, 2)        # [B, H, T]
-    gamma = lam * dt_
-    shifted = F.pad(((1.0 - lam) * dt_)[..., 1:], (0, 1))                     # (1-lam_{t+1}) dt_{t+1}
-    if lengths is not None:  # padded varlen: no next token after each sequence's last one
-        valid = torch.arange(T, device=v.device)[None, :] < (lengths[:, None] - 1)
-        shifted = shifted * valid[:, None, :]
-    c = gamma + shifted
+    dt_ = dt.transpose(1, 2)                                                  # [B, H, T]
+    lam, gamma, c = (x.transpose(1, 2) for x in trapezoid_coeffs(dt, trap, lengths))
 
     # Same-time R x R block: gamma_t <qh_t[r], kh_t[j]> X_t[j], plus the D skip.
     Y_diag = ((qh @ kh.transpose(-1, -2)) * gamma[..., None, None]) @ X       # [B, H, T, R, P]
