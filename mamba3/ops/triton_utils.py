@@ -65,7 +65,7 @@ def launch_params(kernel: str, chunk: int, d_state: int, headdim: int, dtype=Non
     if kernel in ("group_state", "group_out"):   # triton_siso_fwd.GROUP_NUM_WARPS / GROUP_NUM_STAGES
         const["CPG_STATIC"] = 0
         if kernel == "group_out":
-            const.update(HAS_SIN=True, WRITE_FINAL=True, HAS_SKIP=True, HAS_Z=True, SAVE=True)
+            const.update(HAS_SIN=True, WRITE_FINAL=True, HAS_SKIP=True, HAS_Z=True, SAVE=True, PREFETCH=False)
         return const, (8 if ieee else 4)
     if kernel == "chunk_bwd":
         const["HAS_SKIP"] = True   # the Mamba-3 backward adds skip dO to dV in this kernel

@@ -214,9 +214,28 @@ def test_chunk_group_layouts_match_reference(monkeypatch, target):
     xs = make_inputs(B=B, T=T, H=H, N=N, P=P, S=S, seed=5)
     init = make_state(B, H, P, N, S)
     y_ref, fin_ref = check_forward_backward(xs, 16, initial_state=init)
-    with torch.no_grad():                          # inference: no per-chunk states are kept
-        y2, fin2 = mamba3_siso_triton(*xs.values(), initial_state=init, return_final_state=True, chunk_size=16)
-    assert rel(y2, y_ref) < 1e-4 and rel(fin2.ssm, fin_ref.ssm) < 1e-4
+    for prefetch in (True, False):                 # v, skip, z loaded one chunk ahead or in step
+        monkeypatch.setattr(fw, "GROUP_PREFETCH", prefetch)
+        with torch.no_grad():                      # inference: no per-chunk states are kept
+            y2, fin2 = mamba3_siso_triton(*xs.values(), initial_state=init, return_final_state=True, chunk_size=16)
+        assert rel(y2, y_ref) < 1e-4 and rel(fin2.ssm, fin_ref.ssm) < 1e-4
+
+
+def test_mamba2_inference_matches_reference():
+    """Mamba-2 on the SISO kernels without gradients (the inference layout of the group core)."""
+    from mamba3.ops.mamba2 import ssd
+    from mamba3.ops.mamba3.triton_siso import ssd_triton
+    g = torch.Generator().manual_seed(22)
+    r = lambda *s: torch.randn(*s, generator=g).to(DEV)
+    Bs, T, H, P, G, N = 2, 29, 4, 8, 2, 32
+    xs = dict(x=r(Bs, T, H, P), dt=(torch.rand(Bs, T, H, generator=g) * 0.3 + 0.02).to(DEV),
+              A=-(torch.rand(H, generator=g) + 0.2).to(DEV), B=r(Bs, T, G, N), C=r(Bs, T, G, N), D=r(H),
+              z=r(Bs, T, H, P))
+    init = r(Bs, H, P, N)
+    y_ref, s_ref = ssd(*(t.double().cpu() for t in xs.values()), initial_state=init.double().cpu(),
+                       return_final_state=True, impl="reference")
+    y, s = ssd_triton(*xs.values(), initial_state=init, return_final_state=True, chunk_size=16)
+    assert rel(y, y_ref) < 1e-4 and rel(s, s_ref) < 1e-4
 
 
 def test_varlen_matches_reference():

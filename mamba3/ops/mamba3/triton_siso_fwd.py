@@ -499,11 +499,11 @@ def _core_state_step(K, V, dA, st, b, h, c, T, N, P, skb, skt, skh, svb, svt, sv
 
 
 @triton.jit
-def _core_chunk(q, k, v, ell, skip, st, Z, ST, DEC, Y, YPRE, b, h, c, T, H, nc, N, P, svb, svt, svh,
+def _core_chunk(q, k, v, ell, skip, z, st, ST, DEC, Y, YPRE, b, h, c, T, H, nc, N, P, svb, svt, svh,
                 HAS_Z: tl.constexpr, SAVE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_P: tl.constexpr, PREC: tl.constexpr):
-    """Outputs of chunk c (tiles q, k [C, N], v [C, P], cumulative log decay ell [C], skip
-    coefficient [C]) from its entering state ``st`` [P, N] fp32; returns the leaving state."""
+    """Outputs of chunk c (tiles q, k [C, N], v and the gate z [C, P], cumulative log decay ell
+    [C], skip coefficient [C]) from its entering state ``st`` [P, N] fp32; returns the leaving state."""
     i = tl.arange(0, CHUNK)
     p = tl.arange(0, BLOCK_P)
     n = tl.arange(0, BLOCK_N)
@@ -523,30 +523,53 @@ def _core_chunk(q, k, v, ell, skip, st, Z, ST, DEC, Y, YPRE, b, h, c, T, H, nc, 
         tl.store(ST + (bh * nc + c) * P * N + p[:, None] * N + n[None, :], st.to(ST.dtype.element_ty), mask=ms)
         tl.store(DEC + bh * nc + c, last, mask=c < nc)
     if HAS_Z:
-        z = tl.load(Z + off, mask=mask, other=0.0).to(tl.float32)
-        y = y * z * tl.sigmoid(z)
+        zf = z.to(tl.float32)
+        y = y * zf * tl.sigmoid(zf)
     tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
     vw = (v.to(tl.float32) * tl.exp(last - ell)[:, None]).to(k.dtype)
     return st * tl.exp(last) + tl.dot(tl.trans(vw), k, input_precision=PREC)
 
 
 @triton.jit
-def _core_out_step(Q, K, V, dA, SKIP, Z, ST, DEC, Y, YPRE, st, b, h, c, T, H, nc, N, P,
-                   sqb, sqt, sqh, svb, svt, svh, sdb, sdt, sdh,
-                   HAS_SKIP: tl.constexpr, HAS_Z: tl.constexpr, SAVE: tl.constexpr, CHUNK: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr):
-    """Chunk c on prepared Q, K: loads, then :func:`_core_chunk`."""
+def _side_loads(V, SKIP, Z, b, h, c, T, H, P, svb, svt, svh, HAS_SKIP: tl.constexpr, HAS_Z: tl.constexpr,
+                CHUNK: tl.constexpr, BLOCK_P: tl.constexpr):
+    """v [C, P], the skip coefficient [C] and the gate z [C, P] of chunk c (zeros past the end; z
+    stands in as v without a gate)."""
     t = c * CHUNK + tl.arange(0, CHUNK)
-    q = _load_chunk(Q, b, h, c, T, sqb, sqt, sqh, CHUNK, BLOCK_N, N)
-    k = _load_chunk(K, b, h, c, T, sqb, sqt, sqh, CHUNK, BLOCK_N, N)
     v = _load_chunk(V, b, h, c, T, svb, svt, svh, CHUNK, BLOCK_P, P)
-    ell = _load_ell(dA, b, h, c, T, sdb, sdt, sdh, CHUNK)
     if HAS_SKIP:
         skip = tl.load(SKIP + (b * T + t) * H + h, mask=t < T, other=0.0)
     else:
         skip = tl.zeros([CHUNK], dtype=tl.float32)
-    return _core_chunk(q, k, v, ell, skip, st, Z, ST, DEC, Y, YPRE, b, h, c, T, H, nc, N, P, svb, svt, svh,
-                       HAS_Z, SAVE, CHUNK, BLOCK_N, BLOCK_P, PREC)
+    z = v
+    if HAS_Z:
+        z = _load_chunk(Z, b, h, c, T, svb, svt, svh, CHUNK, BLOCK_P, P)
+    return v, skip, z
+
+
+@triton.jit
+def _core_out_step(Q, K, V, dA, SKIP, Z, ST, DEC, Y, YPRE, st, v, skip, z, b, h, c, T, H, nc, N, P,
+                   sqb, sqt, sqh, svb, svt, svh, sdb, sdt, sdh,
+                   HAS_SKIP: tl.constexpr, HAS_Z: tl.constexpr, SAVE: tl.constexpr, CHUNK: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr, PREFETCH: tl.constexpr):
+    """Chunk c on prepared Q, K: loads, then :func:`_core_chunk`; returns the leaving state and the
+    (v, skip, z) of the next step. Triton's pipeliner prefetches only q, k and dA (the loads that
+    feed dots alone); with PREFETCH the v, skip, z of chunk c came from the previous step and this
+    one issues chunk c + 1's before its dots, so their latency overlaps the chunk's work."""
+    if PREFETCH:
+        v_next, skip_next, z_next = _side_loads(V, SKIP, Z, b, h, c + 1, T, H, P, svb, svt, svh, HAS_SKIP, HAS_Z,
+                                                CHUNK, BLOCK_P)
+    else:
+        v, skip, z = _side_loads(V, SKIP, Z, b, h, c, T, H, P, svb, svt, svh, HAS_SKIP, HAS_Z, CHUNK, BLOCK_P)
+        v_next = v
+        skip_next = skip
+        z_next = z
+    q = _load_chunk(Q, b, h, c, T, sqb, sqt, sqh, CHUNK, BLOCK_N, N)
+    k = _load_chunk(K, b, h, c, T, sqb, sqt, sqh, CHUNK, BLOCK_N, N)
+    ell = _load_ell(dA, b, h, c, T, sdb, sdt, sdh, CHUNK)
+    st = _core_chunk(q, k, v, ell, skip, z, st, ST, DEC, Y, YPRE, b, h, c, T, H, nc, N, P, svb, svt, svh,
+                     HAS_Z, SAVE, CHUNK, BLOCK_N, BLOCK_P, PREC)
+    return st, v_next, skip_next, z_next
 
 
 @fast_launch
@@ -555,10 +578,12 @@ def _core_group_out_kernel(Q, K, V, dA, SKIP, Z, SIN, ST, DEC, SF, Y, YPRE, T, H
                            sqb, sqt, sqh, svb, svt, svh, sdb, sdt, sdh,
                            HAS_SIN: tl.constexpr, WRITE_FINAL: tl.constexpr, HAS_SKIP: tl.constexpr,
                            HAS_Z: tl.constexpr, SAVE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_P: tl.constexpr, PREC: tl.constexpr, CPG_STATIC: tl.constexpr):
+                           BLOCK_P: tl.constexpr, PREC: tl.constexpr, CPG_STATIC: tl.constexpr,
+                           PREFETCH: tl.constexpr):
     """Chunk group g of one (batch, head): SIN [B, H, ng, P, N] fp32 entering states. With SAVE
     also stores the pre-gate output, every chunk's entering state ST [B, H, nc, P, N] and the
-    chunk decays DEC [B, H, nc] (for the backward). WRITE_FINAL (one group): final state -> SF."""
+    chunk decays DEC [B, H, nc] (for the backward). WRITE_FINAL (one group): final state -> SF.
+    PREFETCH: v, skip, z loaded one chunk ahead (:func:`_core_out_step`)."""
     grp = tl.program_id(0)
     bh = tl.program_id(1)
     ng = tl.num_programs(0)
@@ -572,16 +597,17 @@ def _core_group_out_kernel(Q, K, V, dA, SKIP, Z, SIN, ST, DEC, SF, Y, YPRE, T, H
         st = tl.load(SIN + (bh * ng + grp) * P * N + so, mask=ms, other=0.0)
     else:
         st = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    v, skip, z = _side_loads(V, SKIP, Z, b, h, grp * CPG, T, H, P, svb, svt, svh, HAS_SKIP, HAS_Z, CHUNK, BLOCK_P)
     if CPG_STATIC > 0:  # interpreter: loop bounds must be Python ints
         for j in range(CPG_STATIC):
-            st = _core_out_step(Q, K, V, dA, SKIP, Z, ST, DEC, Y, YPRE, st, b, h, grp * CPG + j, T, H, nc, N, P,
-                                sqb, sqt, sqh, svb, svt, svh, sdb, sdt, sdh, HAS_SKIP, HAS_Z, SAVE, CHUNK,
-                                BLOCK_N, BLOCK_P, PREC)
+            st, v, skip, z = _core_out_step(Q, K, V, dA, SKIP, Z, ST, DEC, Y, YPRE, st, v, skip, z, b, h, grp * CPG + j,
+                                            T, H, nc, N, P, sqb, sqt, sqh, svb, svt, svh, sdb, sdt, sdh, HAS_SKIP,
+                                            HAS_Z, SAVE, CHUNK, BLOCK_N, BLOCK_P, PREC, PREFETCH)
     else:
         for j in range(0, CPG):
-            st = _core_out_step(Q, K, V, dA, SKIP, Z, ST, DEC, Y, YPRE, st, b, h, grp * CPG + j, T, H, nc, N, P,
-                                sqb, sqt, sqh, svb, svt, svh, sdb, sdt, sdh, HAS_SKIP, HAS_Z, SAVE, CHUNK,
-                                BLOCK_N, BLOCK_P, PREC)
+            st, v, skip, z = _core_out_step(Q, K, V, dA, SKIP, Z, ST, DEC, Y, YPRE, st, v, skip, z, b, h, grp * CPG + j,
+                                            T, H, nc, N, P, sqb, sqt, sqh, svb, svt, svh, sdb, sdt, sdh, HAS_SKIP,
+                                            HAS_Z, SAVE, CHUNK, BLOCK_N, BLOCK_P, PREC, PREFETCH)
     if WRITE_FINAL:
         tl.store(SF + bh * P * N + so, st, mask=ms)
 
@@ -591,6 +617,8 @@ PREP_ROWS = 8                 # tokens per program of the preparation kernels (a
 PREP_NUM_WARPS = 1            # H100: 8 rows in one warp (no barriers in the row sums and scans) beat 16 rows at 4
                               # warps in the backward preparation (0.45 vs 0.62 ms at 8x2048), equal here
 GROUP_NUM_STAGES = 2          # pipelining depth in bf16/fp16 (H100: 2 beat 1 and 3; 3 needs 123 KB smem)
+GROUP_PREFETCH = True         # inference: v, skip, z one chunk ahead (H100, 8x2048 / 1x16384 bf16: 0.479 vs 0.501 /
+                              # 0.588 vs 0.618 ms fwd); training forwards (SAVE) measured slower with it, so off there
 GROUP_NUM_WARPS = 4           # H100: 4 warps beat 8 at every measured shape
 
 
@@ -677,7 +705,7 @@ def ssd_group_fwd(Q, K, V, dA, skip, z, S0, chunk_size, *, out_dtype, save=False
                                  sin, r.states, r.dec, r.final, r.y, r.ypre, T, H, r.nc, N, P, r.cpg,
                                  *Q.stride()[:3], *V.stride()[:3], *dA.stride(), HAS_SIN=has_sin,
                                  WRITE_FINAL=write_final, HAS_SKIP=skip is not None, HAS_Z=z is not None, SAVE=save,
-                                 **r.meta)
+                                 PREFETCH=GROUP_PREFETCH and not save, **r.meta)
     return r.result()
 
 
