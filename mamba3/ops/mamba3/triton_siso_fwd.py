@@ -597,17 +597,19 @@ def _core_group_out_kernel(Q, K, V, dA, SKIP, Z, SIN, ST, DEC, SF, Y, YPRE, T, H
         st = tl.load(SIN + (bh * ng + grp) * P * N + so, mask=ms, other=0.0)
     else:
         st = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
-    v, skip, z = _side_loads(V, SKIP, Z, b, h, grp * CPG, T, H, P, svb, svt, svh, HAS_SKIP, HAS_Z, CHUNK, BLOCK_P)
+    # the first chunk's side loads; without PREFETCH each step loads its own (T = 0 masks these off)
+    v, skip, z = _side_loads(V, SKIP, Z, b, h, grp * CPG, T if PREFETCH else 0, H, P, svb, svt, svh, HAS_SKIP, HAS_Z,
+                             CHUNK, BLOCK_P)
     if CPG_STATIC > 0:  # interpreter: loop bounds must be Python ints
         for j in range(CPG_STATIC):
-            st, v, skip, z = _core_out_step(Q, K, V, dA, SKIP, Z, ST, DEC, Y, YPRE, st, v, skip, z, b, h, grp * CPG + j,
-                                            T, H, nc, N, P, sqb, sqt, sqh, svb, svt, svh, sdb, sdt, sdh, HAS_SKIP,
-                                            HAS_Z, SAVE, CHUNK, BLOCK_N, BLOCK_P, PREC, PREFETCH)
+            st, v, skip, z = _core_out_step(Q, K, V, dA, SKIP, Z, ST, DEC, Y, YPRE, st, v, skip, z, b, h,
+                                            grp * CPG + j, T, H, nc, N, P, sqb, sqt, sqh, svb, svt, svh, sdb, sdt,
+                                            sdh, HAS_SKIP, HAS_Z, SAVE, CHUNK, BLOCK_N, BLOCK_P, PREC, PREFETCH)
     else:
         for j in range(0, CPG):
-            st, v, skip, z = _core_out_step(Q, K, V, dA, SKIP, Z, ST, DEC, Y, YPRE, st, v, skip, z, b, h, grp * CPG + j,
-                                            T, H, nc, N, P, sqb, sqt, sqh, svb, svt, svh, sdb, sdt, sdh, HAS_SKIP,
-                                            HAS_Z, SAVE, CHUNK, BLOCK_N, BLOCK_P, PREC, PREFETCH)
+            st, v, skip, z = _core_out_step(Q, K, V, dA, SKIP, Z, ST, DEC, Y, YPRE, st, v, skip, z, b, h,
+                                            grp * CPG + j, T, H, nc, N, P, sqb, sqt, sqh, svb, svt, svh, sdb, sdt,
+                                            sdh, HAS_SKIP, HAS_Z, SAVE, CHUNK, BLOCK_N, BLOCK_P, PREC, PREFETCH)
     if WRITE_FINAL:
         tl.store(SF + bh * P * N + so, st, mask=ms)
 
@@ -617,8 +619,9 @@ PREP_ROWS = 8                 # tokens per program of the preparation kernels (a
 PREP_NUM_WARPS = 1            # H100: 8 rows in one warp (no barriers in the row sums and scans) beat 16 rows at 4
                               # warps in the backward preparation (0.45 vs 0.62 ms at 8x2048), equal here
 GROUP_NUM_STAGES = 2          # pipelining depth in bf16/fp16 (H100: 2 beat 1 and 3; 3 needs 123 KB smem)
-GROUP_PREFETCH = True         # inference: v, skip, z one chunk ahead (H100, 8x2048 / 1x16384 bf16: 0.479 vs 0.501 /
-                              # 0.588 vs 0.618 ms fwd); training forwards (SAVE) measured slower with it, so off there
+GROUP_PREFETCH = True         # inference: v, skip, z one chunk ahead (H100 bf16 fwd, 8x2048 / 2x8192 / 1x16384:
+                              # 0.473 / 0.554 / 0.591 vs 0.504 / 0.586 / 0.622 ms); the training forward (SAVE) was
+                              # slower with it
 GROUP_NUM_WARPS = 4           # H100: 4 warps beat 8 at every measured shape
 
 
