@@ -1,5 +1,7 @@
 """Host cost of the Triton launches of one SISO forward / forward + backward (config A), with
-Triton's own launch path and with mamba3.ops.launch's cached launches; outputs compared bitwise.
+Triton's own launch path and with mamba3.ops.launch's cached launches, and with the launchers'
+grid arithmetic through triton.cdiv / triton.next_power_of_2 (constexpr functions) instead of
+mamba3.ops.utils' plain ones; outputs compared bitwise.
 
     python benchmarks/gpu_launch_cost.py --out $OUT/launch_cost.json
 """
@@ -19,6 +21,16 @@ from triton.testing import do_bench
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import benchmarks.gpu_kernels as gk  # noqa: E402
 from mamba3.ops import launch  # noqa: E402
+from mamba3.ops.mamba3 import triton_siso_bwd, triton_siso_fwd  # noqa: E402
+from mamba3.ops.utils import cdiv, next_pow2  # noqa: E402
+
+HELPER_MODULES = (triton_siso_fwd, triton_siso_bwd)
+
+
+def use_triton_helpers(flag):
+    """The SISO launchers' cdiv / next_pow2: Triton's constexpr functions (flag) or ours."""
+    for m in HELPER_MODULES:
+        m.cdiv, m.next_pow2 = (triton.cdiv, triton.next_power_of_2) if flag else (cdiv, next_pow2)
 
 
 @triton.jit
@@ -82,6 +94,12 @@ def one_shape(B, T):
             res[f"{tag}_{name}_host_us"] = per_call_us(fn, 20)
             res[f"{tag}_{name}_ms"] = do_bench(fn, return_mode="median")
     launch.ENABLED = True
+    for flag in (True, False, True, False):
+        use_triton_helpers(flag)
+        tag = "cached_triton_helpers" if flag else "cached_own_helpers"
+        for name, fn in (("fwdbwd", step), ("fwd", fwd)):
+            res[f"{tag}_{name}_host_us"] = per_call_us(fn, 20)
+    use_triton_helpers(False)
     res["bitwise_equal"] = all(torch.equal(a, b) for a, b in zip(outs["cached"], outs["triton"])) and \
         torch.equal(outs["cached_fwd"], outs["triton_fwd"])
     print(B, T, res, flush=True)

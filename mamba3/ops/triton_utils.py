@@ -33,6 +33,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .utils import next_pow2
+
 SMEM_99KB = 99 * 1024            # sm_86 / sm_89 opt-in limit per block (101376 bytes)
 SMEM_BY_ARCH = {86: 99 * 1024, 89: 99 * 1024, 80: 163 * 1024, 90: 227 * 1024}
 
@@ -42,25 +44,21 @@ _STATE_PTRS = {"ST", "GS"}
 _INT_PARAMS = {"B", "T", "H", "N", "P", "G", "S", "PN", "CPG"}  # sizes; every other capitalised name is a pointer  # chunk states: activation dtype under bf16 (st_dtype), fp32 otherwise
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
-
-
 def launch_params(kernel: str, chunk: int, d_state: int, headdim: int, dtype=None) -> tuple[dict, int]:
     """(constexprs, num_warps) the launchers pick for ``kernel`` (mirrors triton_siso_*.py; the
     MIMO path runs the same SSD-core kernels with CHUNK = chunk_size * R rows). ``dtype`` float32:
     full-precision dots, which take 8 warps in the chunk and group kernels (``chunk_warps``)."""
     ieee = dtype == torch.float32
     C, N, P = chunk, d_state, headdim
-    BP = max(16, _next_pow2(P))
+    BP = max(16, next_pow2(P))
     if kernel == "prep_qk":   # triton_siso_fwd.PREP_ROWS / PREP_NUM_WARPS
-        return dict(ROWS=min(8, C), BLOCK_N2=max(16, _next_pow2(N)) // 2, HAS_D=True), 1
+        return dict(ROWS=min(8, C), BLOCK_N2=max(16, next_pow2(N)) // 2, HAS_D=True), 1
     elif kernel == "step":
-        BN, BP = _next_pow2(max(N, 2)), _next_pow2(P)
+        BN, BP = next_pow2(max(N, 2)), next_pow2(P)
         return dict(BLOCK_N=BN, BLOCK_P=BP, P_BLOCK=BP, SPLIT=1, HAS_D=True, HAS_Z=True), (4 if BN * BP <= 8192 else 8)
     elif kernel == "prep_bwd":  # triton_siso_bwd.PREP_BWD_NUM_WARPS; HG heads per q/k group
-        return dict(ROWS=min(8, C), BLOCK_N2=max(32, _next_pow2(N)) // 2, ANG_PER_HEAD=False, HG=4, HSPLIT=1), 1
-    BN = max(16, _next_pow2(N))
+        return dict(ROWS=min(8, C), BLOCK_N2=max(32, next_pow2(N)) // 2, ANG_PER_HEAD=False, HG=4, HSPLIT=1), 1
+    BN = max(16, next_pow2(N))
     const = dict(CHUNK=C, BLOCK_N=BN, BLOCK_P=BP)
     if kernel in ("group_state", "group_out"):   # triton_siso_fwd.GROUP_NUM_WARPS / GROUP_NUM_STAGES
         const["CPG_STATIC"] = 0

@@ -116,3 +116,14 @@ def check_writable(name: str, t) -> None:
             label = name if field is None else f"{name}.{field}"
             raise ValueError(f"{label} is updated in place but has overlapping memory (stride 0, e.g. from "
                              f"expand); pass a materialised tensor (.clone())")
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division for launch grids on the host (``triton.cdiv`` is a constexpr function: ~2 us
+    a call, and one SISO forward + backward made dozens)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (1 for n <= 1); the host-side ``triton.next_power_of_2``."""
+    return 1 << max(0, int(n) - 1).bit_length()

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ..launch import fast_launch
+from ..utils import cdiv, next_pow2
 
 from .common import trapezoid_coeffs
 from .triton_mimo_fwd import _biased_halves, _rank_output, _rank_rows, _token_block
@@ -189,7 +190,7 @@ def mimo_out_bwd(dout, yc, v, mimo_x, W, z, mimo_z, mimo_o, norm_weight, eps):
     fp32, dz or None, d mimo_o, d mimo_z or None [H, R, P] fp32, d norm weight [H, P] fp32 or None)."""
     B, T, H, P = v.shape
     R = mimo_x.shape[1]
-    npt = triton.cdiv(T, MIMO_BWD_TOKENS)
+    npt = cdiv(T, MIMO_BWD_TOKENS)
     f32 = dict(device=v.device, dtype=torch.float32)
     dyc = torch.empty_like(yc)
     dW = torch.empty_like(W)
@@ -202,7 +203,7 @@ def mimo_out_bwd(dout, yc, v, mimo_x, W, z, mimo_z, mimo_o, norm_weight, eps):
                                            norm_weight.contiguous() if norm_weight is not None else v, dyc, dW,
                                            dz if dz is not None else dyc, dmo, dmz, dnw, T, H, P, float(eps), npt,
                                            HAS_Z=z is not None, HAS_NORM=norm_weight is not None, R=R,
-                                           TOK=MIMO_BWD_TOKENS, BLOCK_P=max(16, triton.next_power_of_2(P)),
+                                           TOK=MIMO_BWD_TOKENS, BLOCK_P=max(16, next_pow2(P)),
                                            num_warps=MIMO_OUT_BWD_WARPS)
     return (dyc, dW, dz, dmo.sum(0), None if z is None else dmz.sum(0),
             None if norm_weight is None else dnw.sum(0))
@@ -212,12 +213,12 @@ def mimo_x_bwd(dxc, dyc, W, v, mimo_x):
     """Launch :func:`_mimo_x_bwd_kernel`. Returns (dx in v's dtype, d mimo_x [H, R, P] fp32)."""
     B, T, H, P = v.shape
     R = mimo_x.shape[1]
-    npt = triton.cdiv(T, MIMO_BWD_TOKENS)
+    npt = cdiv(T, MIMO_BWD_TOKENS)
     dx = torch.empty_like(v)
     dpsi = torch.zeros(B * npt, H, R, P, device=v.device, dtype=torch.float32)
     if B * T * H:
         _mimo_x_bwd_kernel[(npt, B * H)](dxc, dyc, W, v, mimo_x.contiguous(), dx, dpsi, T, H, P, npt, R=R,
-                                         TOK=MIMO_BWD_TOKENS, BLOCK_P=max(16, triton.next_power_of_2(P)),
+                                         TOK=MIMO_BWD_TOKENS, BLOCK_P=max(16, next_pow2(P)),
                                          num_warps=4)
     return dx, dpsi.sum(0)
 
@@ -239,7 +240,7 @@ def mimo_prep_bwd(q, k, q_bias, k_bias, dt, trap, angles, th0, rows, dQS, dK_S):
     dangl = torch.zeros(B, T, H, S, **f32)
     dqb, dkb = torch.zeros(nblk, B, H, R, N, **f32), torch.zeros(nblk, B, H, R, N, **f32)
     sa = (angles.stride(0), angles.stride(1), angles.stride(2) if per_head else 0)
-    BN2 = max(16, triton.next_power_of_2(N // 2))
+    BN2 = max(16, next_pow2(N // 2))
     if B * T * H:
         _mimo_prep_bwd_kernel[(nblk, B * H)](
             q, k, q_bias.float().contiguous(), k_bias.float().contiguous(), dt, trap, nonempty(angles, dt),

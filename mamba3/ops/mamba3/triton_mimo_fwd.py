@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ..launch import fast_launch
+from ..utils import cdiv, next_pow2
 
 from .triton_siso_fwd import _row_coeffs, _row_phase, chunk_start_phases, nonempty, ssd_group_fwd
 
@@ -169,11 +170,11 @@ def mimo_prep(q, k, v, dt, trap, q_bias, k_bias, angles, mimo_x, D, th0, rows, d
         return QS, KS, X, W
     sa = (angles.stride(0), angles.stride(1), 0 if angles.dim() == 3 else angles.stride(2))
     qb, kb = q_bias.float().contiguous(), k_bias.float().contiguous()
-    BN2 = max(16, triton.next_power_of_2(N // 2))
+    BN2 = max(16, next_pow2(N // 2))
     _mimo_prep_kernel[(nblk, B * H)](q, k, qb, kb, dt, trap, nonempty(angles, dt), nonempty(th0, dt),
                                      D if D is not None else W, v, mimo_x.contiguous(), QS, KS, X, W, T, H, G, nblk,
                                      N, S, P, *q.stride()[:4], *dt.stride(), *sa, HAS_D=D is not None, R=R,
-                                     ROWS=rows, BLOCK_N2=BN2, BLOCK_P=max(16, triton.next_power_of_2(P)),
+                                     ROWS=rows, BLOCK_N2=BN2, BLOCK_P=max(16, next_pow2(P)),
                                      num_warps=MIMO_PREP_WARPS)
     return QS, KS, X, W
 
@@ -186,11 +187,11 @@ def mimo_out(yc, v, mimo_x, W, z, mimo_z, mimo_o, norm_weight, eps):
     if B * T * H == 0:
         return out
     c = lambda t: t.contiguous()
-    _mimo_out_kernel[(triton.cdiv(T, MIMO_OUT_TOKENS), B * H)](
+    _mimo_out_kernel[(cdiv(T, MIMO_OUT_TOKENS), B * H)](
         yc, v, c(mimo_x), W, c(z) if z is not None else v, c(mimo_z), c(mimo_o),
         c(norm_weight) if norm_weight is not None else v, out, T, H, P, float(eps),
         HAS_Z=z is not None, HAS_NORM=norm_weight is not None, R=R, TOK=MIMO_OUT_TOKENS,
-        BLOCK_P=max(16, triton.next_power_of_2(P)), num_warps=4)
+        BLOCK_P=max(16, next_pow2(P)), num_warps=4)
     return out
 
 

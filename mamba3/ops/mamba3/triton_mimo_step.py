@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from ..launch import fast_launch
+from ..utils import cdiv, next_pow2
 
 from .common import Mamba3State
 from .triton_siso import check_power_of_two, check_triton_inputs
@@ -224,7 +225,7 @@ def _rows(t: torch.Tensor):
 def _p_block(P: int, p_blocks: Optional[int], norm: bool) -> int:
     """BLOCK_P of the launch: next_pow2(P) // p_blocks, at least 16 (or next_pow2(P) if smaller);
     p_blocks None: 2 without the norm for P >= 64, else 1. The norm needs all of P: one block."""
-    full = triton.next_power_of_2(P)
+    full = next_pow2(P)
     if norm:
         return full
     if p_blocks is None:
@@ -273,17 +274,17 @@ def mamba3_mimo_step_triton(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_
     qb, kb = q_bias.float().contiguous(), k_bias.float().contiguous()
     c = lambda t: None if t is None else t.contiguous()
     psi, zeta, phi, D, w = map(c, (mimo_x, mimo_z, mimo_o, D, outproj_norm_weight))
-    BN = triton.next_power_of_2(max(N, 2))
+    BN = next_pow2(max(N, 2))
     prec = dot_precision or state_dot_precision(state.ssm.dtype)
     # H100, B=128, H=64, P=64, N=128, R=4 (gpu_mimo_step.py, us per layer, bf16 / fp32 state, no
     # norm): tf32 dots at p_blocks 1, 2 warps 187 / 252 against 195 / 329 for the best CUDA-core
     # launch; ieee dots (fp32 on the CUDA cores through the mma layouts) 4,200-8,500.
     use_dot = (prec == "tf32") if dot is None else bool(dot)
-    use_dot = use_dot and BN >= 16 and triton.next_power_of_2(P) >= 16
+    use_dot = use_dot and BN >= 16 and next_pow2(P) >= 16
     if use_dot and p_blocks is None:
         p_blocks = 1
     BP = _p_block(P, p_blocks, w is not None)      # >= 16 whenever next_pow2(P) is
-    split = triton.cdiv(P, BP)
+    split = cdiv(P, BP)
     if use_dot:
         # same shape, dots: p1 at 1 / 2 / 4 warps 256 / 187 / 256 (bf16 state); p2 189 / 212 / 281
         nw = num_warps or 2
@@ -307,7 +308,7 @@ def mamba3_mimo_step_triton(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_
         q_sb, k_sb, v_sb, z_sb, da_sb, dt_sb, trap_sb, ang_sb, ang_sh,
         R=R, HAS_D=D is not None, HAS_Z=z is not None, HAS_NORM=w is not None,
         WRITE_KA=split == 1, BLOCK_N=BN, BLOCK_P=BP, DOT=use_dot,
-        BLOCK_R=max(16, triton.next_power_of_2(2 * R)), PREC=prec, num_warps=nw)
+        BLOCK_R=max(16, next_pow2(2 * R)), PREC=prec, num_warps=nw)
     if split > 1:   # same stream: starts after every block above has read the old k / theta
         _mimo_step_cache_kernel[(B * H,)](
             k, kb, ang_arg, dt, st_ang, state.k, H, G, N, S, k_sb, dt_sb, ang_sb, ang_sh,

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ..launch import fast_launch
+from ..utils import cdiv, next_pow2
 
 from .triton_siso_fwd import (_biased_pairs, _interleave, _load_chunk, _load_ell, _row_coeffs, _row_phase,
                               _split_pairs, _cos_sin, _tanh, chunk_warps, dot_precision, group_pipeline_depth, nonempty, scan_block,
@@ -302,7 +303,7 @@ def ssd_core_bwd(Q, K, V, dA, dY, states, dec, dSF, chunk_size: int, skip=None, 
     dK = torch.empty(K.shape, device=Q.device, dtype=dqk_dtype)
     dV = torch.empty(V.shape, device=Q.device, dtype=dv_dtype)
     ddA = torch.empty(dA.shape, device=Q.device, dtype=torch.float32)
-    BN, BP = max(16, triton.next_power_of_2(N)), max(16, triton.next_power_of_2(P))
+    BN, BP = max(16, next_pow2(N)), max(16, next_pow2(P))
     prec = dot_precision(Q.dtype)
     nw = chunk_warps(C, BN, BP, prec)
     dsf = dSF if dSF is not None else dS0
@@ -318,7 +319,7 @@ def ssd_core_bwd(Q, K, V, dA, dY, states, dec, dSF, chunk_size: int, skip=None, 
                                           num_warps=nw)
         PN = P * N
         BLOCK = scan_block(PN, B * H)
-        _dstate_scan_kernel[(triton.cdiv(PN, BLOCK), B * H)](gs, dec, dsf, dS0, nc, PN,
+        _dstate_scan_kernel[(cdiv(PN, BLOCK), B * H)](gs, dec, dsf, dS0, nc, PN,
                                                             HAS_DSF=dSF is not None, BLOCK=BLOCK,
                                                             NC_STATIC=static_loop(nc), num_warps=4)
     nsplit, bwd_nw, stages = bwd_layout(Q.dtype, BN, nw, deep=group_pipeline_depth(Q.dtype, Q.device) > 1)
@@ -370,10 +371,10 @@ def gate_bwd(dy, z, ypre, v, do_dtype, skip_sum=True):
     do = torch.empty(v.shape, device=v.device, dtype=do_dtype)
     dz = None if z is None else torch.empty_like(z)
     dskip = torch.empty(B, T, H, device=v.device, dtype=torch.float32) if skip_sum else None
-    BP = triton.next_power_of_2(P)
+    BP = next_pow2(P)
     BM = max(1, 4096 // BP)
     if M:
-        _gate_bwd_kernel[(triton.cdiv(M, BM),)](dy, dy if z is None else z, dy if z is None else ypre, v, do,
+        _gate_bwd_kernel[(cdiv(M, BM),)](dy, dy if z is None else z, dy if z is None else ypre, v, do,
                                                do if dz is None else dz, do if dskip is None else dskip, M, P,
                                                HAS_Z=z is not None, SKIP_SUM=skip_sum, BLOCK_M=BM, BLOCK_P=BP,
                                                num_warps=8)
@@ -467,9 +468,9 @@ def row_cumsum(x: torch.Tensor) -> torch.Tensor:
     if y.numel() == 0:
         return y
     R = x.numel() // L
-    BL = max(16, triton.next_power_of_2(L))
+    BL = max(16, next_pow2(L))
     BR = max(1, 4096 // BL)
-    _row_cumsum_kernel[(triton.cdiv(R, BR),)](x, y, R, L, BLOCK_R=BR, BLOCK_L=BL, num_warps=4)
+    _row_cumsum_kernel[(cdiv(R, BR),)](x, y, R, L, BLOCK_R=BR, BLOCK_L=BL, num_warps=4)
     return y
 
 
@@ -489,10 +490,10 @@ def phase_dt_bwd(dtot, ddt_loc, dang_loc, angles, dgamma, dcs, trap, dt, rows, d
     else:
         rc = row_cumsum(dtot)                             # innermost scan; R_c at index nblk - 1 - c
     if B * T * H:
-        nb = triton.next_power_of_2(max(1, PHASE_DT_TOKENS // rows + 1)) // 2   # a power of two
+        nb = next_pow2(max(1, PHASE_DT_TOKENS // rows + 1)) // 2   # a power of two
         sa = (angles.stride(0), angles.stride(1), angles.stride(2) if per_head else 0)
-        BS = max(16, triton.next_power_of_2(S))
-        _phase_dt_bwd_kernel[(triton.cdiv(T, nb * rows), B)](
+        BS = max(16, next_pow2(S))
+        _phase_dt_bwd_kernel[(cdiv(T, nb * rows), B)](
             nonempty(rc, dgamma), ddt_loc, nonempty(dang_loc, dgamma), nonempty(angles, dt), dgamma, dcs, trap, dt,
             du0 if du0 is not None else dgamma, ddt, dtrap, nonempty(dang, dgamma), T, nblk, S, *sa,
             H=H, ANG_PER_HEAD=per_head, HAS_DU0=du0 is not None, ROWS=rows, NB=nb, BLOCK_S=BS, num_warps=4)
@@ -647,8 +648,8 @@ def middle_sum(x: torch.Tensor) -> torch.Tensor:
     if M == 0:
         return y.zero_()
     BM, BK = 128, 32
-    _middle_sum_kernel[(triton.cdiv(K, BK), A)](x, y, M, K, BLOCK_M=BM, BLOCK_K=BK,
-                                                NM_STATIC=static_loop(triton.cdiv(M, BM)), num_warps=4)
+    _middle_sum_kernel[(cdiv(K, BK), A)](x, y, M, K, BLOCK_M=BM, BLOCK_K=BK,
+                                                NM_STATIC=static_loop(cdiv(M, BM)), num_warps=4)
     return y
 
 
@@ -688,7 +689,7 @@ def prep_bwd(q, k, q_bias, k_bias, dt, trap, angles, th0, rows, dQ, dK, dskip):
     dangl = torch.empty(B, T, H, S, **f32) if per_head else torch.empty(sp, B, T, G, S, **f32)
     dqkb = torch.empty(2, B, nblk, H, N, **f32)          # q and k bias partials: one sum after
     sa = (angles.stride(0), angles.stride(1), angles.stride(2) if per_head else 0)
-    BN2 = max(32, triton.next_power_of_2(N)) // 2
+    BN2 = max(32, next_pow2(N)) // 2
     angles, th0, dtot_, dangl_ = nonempty(angles, dt), nonempty(th0, dt), nonempty(dtot, dcs), nonempty(dangl, dcs)
     _prep_bwd_kernel[(nblk, B * G * sp)](q, k, q_bias.float().contiguous(), k_bias.float().contiguous(), dt, trap,
                                          angles, th0, dQ, dK, dskip, dq, dk, dtot_, ddtl, dangl_, dcs, dgam,

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ..launch import fast_launch
+from ..utils import cdiv, next_pow2
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -193,8 +194,8 @@ def group_warps(prec: str) -> int:
 def scan_block(PN: int, BH: int, target: int = 2048) -> int:
     """State elements per program of the serial scans over chunks: up to 512, fewer when batch x
     heads is small, so that about ``target`` programs keep loads in flight along the serial chain."""
-    block = min(512, triton.next_power_of_2(PN))
-    while block > 64 and triton.cdiv(PN, block) * BH < target:
+    block = min(512, next_pow2(PN))
+    while block > 64 and cdiv(PN, block) * BH < target:
         block //= 2
     return block
 
@@ -208,22 +209,22 @@ def ssd_core_fwd(Q, K, V, dA, S0, chunk_size: int, state_dtype=None):
     B, T, H, N = Q.shape
     P = V.shape[-1]
     C = chunk_size
-    nc = max(1, triton.cdiv(T, C))
+    nc = max(1, cdiv(T, C))
     st_dtype = state_dtype or (torch.float32 if Q.dtype == torch.float32 else Q.dtype)
     states = torch.empty(B, H, nc, P, N, device=Q.device, dtype=st_dtype)
     dec = torch.empty(B, H, nc, device=Q.device, dtype=torch.float32)
     final = torch.empty(B, H, P, N, device=Q.device, dtype=torch.float32)
     y = torch.empty(B, T, H, P, device=Q.device, dtype=torch.float32)
-    BN, BP = max(16, triton.next_power_of_2(N)), max(16, triton.next_power_of_2(P))
+    BN, BP = max(16, next_pow2(N)), max(16, next_pow2(P))
     prec = dot_precision(Q.dtype)
     nw = chunk_warps(C, BN, BP, prec)
     _chunk_state_kernel[(nc, B * H)](K, V, dA, states, dec, T, H, nc, N, P,
                                      *K.stride()[:3], *V.stride()[:3], *dA.stride(),
                                      CHUNK=C, BLOCK_N=BN, BLOCK_P=BP, PREC=prec, num_warps=nw)
     PN = P * N
-    BLOCK = min(512, triton.next_power_of_2(PN))
+    BLOCK = min(512, next_pow2(PN))
     s0 = S0 if S0 is not None else final
-    _state_scan_kernel[(triton.cdiv(PN, BLOCK), B * H)](states, dec, s0, final, nc, PN,
+    _state_scan_kernel[(cdiv(PN, BLOCK), B * H)](states, dec, s0, final, nc, PN,
                                                        HAS_S0=S0 is not None, BLOCK=BLOCK,
                                                        NC_STATIC=static_loop(nc), num_warps=4)
     _chunk_out_kernel[(nc, B * H)](Q, K, V, dA, states, y, T, H, nc, N, P,
@@ -386,7 +387,7 @@ def chunk_start_phases(dt, angles, init_angle, chunk_size):
     fp32, the running sum across chunks in fp64 reduced mod 2*pi (two Triton launches)."""
     B, T, H = dt.shape
     S = angles.shape[-1]
-    nc = max(1, triton.cdiv(T, chunk_size))
+    nc = max(1, cdiv(T, chunk_size))
     if S == 0:
         return (torch.zeros(B, H, nc, S, device=dt.device, dtype=torch.float32),
                 torch.zeros(B, H, S, device=dt.device, dtype=torch.float32))
@@ -394,19 +395,19 @@ def chunk_start_phases(dt, angles, init_angle, chunk_size):
     th0 = torch.empty(B, H, nc, S, device=dt.device, dtype=torch.float32)
     final = torch.empty(B, H, S, device=dt.device, dtype=torch.float32)
     sums = (torch.empty if T > 0 else torch.zeros)(B, H, nc, S, device=dt.device, dtype=torch.float32)
-    BS = max(16, triton.next_power_of_2(S))
+    BS = max(16, next_pow2(S))
     if T > 0:
         sa = (angles.stride(0), angles.stride(1), 0 if angles.dim() == 3 else angles.stride(2))
-        bpp = max(1, min(64 // chunk_size, triton.next_power_of_2(nc)))   # ~64 rows per program
-        _phase_sums_kernel[(triton.cdiv(nc, bpp), B * H)](dt, angles, sums, T, H, nc, S, *dt.stride(), *sa,
+        bpp = max(1, min(64 // chunk_size, next_pow2(nc)))   # ~64 rows per program
+        _phase_sums_kernel[(cdiv(nc, bpp), B * H)](dt, angles, sums, T, H, nc, S, *dt.stride(), *sa,
                                                           CHUNK=chunk_size, BPP=bpp, BLOCK_S=BS, num_warps=4)
     init = init_angle.float().contiguous() if init_angle is not None else final
-    NCB = min(PHASE_SCAN_TILE, max(16, triton.next_power_of_2(nc)))  # blocks per serial step (fp64 tiles)
+    NCB = min(PHASE_SCAN_TILE, max(16, next_pow2(nc)))  # blocks per serial step (fp64 tiles)
     BSS = BS                                             # pairs per scan program: split S to fill the GPU
-    while BSS > 16 and B * H * triton.cdiv(S, BSS) < GROUP_TARGET_PROGRAMS:
+    while BSS > 16 and B * H * cdiv(S, BSS) < GROUP_TARGET_PROGRAMS:
         BSS //= 2
-    _phase_scan_kernel[(B * H, triton.cdiv(S, BSS))](sums, init, th0, final, nc, S, HAS_INIT=init_angle is not None,
-                                                     NCB=NCB, BLOCK_S=BSS, NB_STATIC=static_loop(triton.cdiv(nc, NCB)),
+    _phase_scan_kernel[(B * H, cdiv(S, BSS))](sums, init, th0, final, nc, S, HAS_INIT=init_angle is not None,
+                                                     NCB=NCB, BLOCK_S=BSS, NB_STATIC=static_loop(cdiv(nc, NCB)),
                                                      num_warps=4 if NCB * BSS <= 64 * 64 else 8)
     return th0, final
 
@@ -646,25 +647,25 @@ def choose_groups(nc: int, BH: int, target: int = None) -> int:
     ng = 1
     while BH * ng < target and ng < nc:
         ng *= 2
-    return triton.cdiv(nc, triton.cdiv(nc, ng))
+    return cdiv(nc, cdiv(nc, ng))
 
 
 class _GroupRun:
     """Buffers and launch settings shared by the group forwards (core and fused)."""
 
     def __init__(self, B, T, H, N, P, chunk_size, dev, out_dtype, dot_dtype, has_z, save, groups):
-        self.nc = nc = max(1, triton.cdiv(T, chunk_size))
+        self.nc = nc = max(1, cdiv(T, chunk_size))
         ng = groups or choose_groups(nc, B * H)
-        self.cpg = triton.cdiv(nc, ng)
-        self.ng = triton.cdiv(nc, self.cpg)
+        self.cpg = cdiv(nc, ng)
+        self.ng = cdiv(nc, self.cpg)
         self.final = torch.empty(B, H, P, N, device=dev, dtype=torch.float32)
         self.y = torch.empty(B, T, H, P, device=dev, dtype=out_dtype)
         self.ypre = torch.empty_like(self.y) if save and has_z else self.y
         st_dtype = torch.float32 if dot_dtype == torch.float32 else dot_dtype
         self.states = torch.empty(B, H, nc, P, N, device=dev, dtype=st_dtype) if save else self.final
         self.dec = torch.empty(B, H, nc, device=dev, dtype=torch.float32) if save else self.final
-        self.meta = dict(CHUNK=chunk_size, BLOCK_N=max(16, triton.next_power_of_2(N)),
-                         BLOCK_P=max(16, triton.next_power_of_2(P)), PREC=dot_precision(dot_dtype),
+        self.meta = dict(CHUNK=chunk_size, BLOCK_N=max(16, next_pow2(N)),
+                         BLOCK_P=max(16, next_pow2(P)), PREC=dot_precision(dot_dtype),
                          CPG_STATIC=static_loop(self.cpg))
         self.meta["num_warps"] = group_warps(self.meta["PREC"])
         self.meta["num_stages"] = group_pipeline_depth(dot_dtype, dev)
@@ -681,8 +682,8 @@ class _GroupRun:
         decg = torch.empty(B, H, self.ng, device=self.y.device, dtype=torch.float32)
         launch_state(sg, decg)
         PN = P * N
-        BLOCK = min(512, triton.next_power_of_2(PN))
-        _state_scan_kernel[(triton.cdiv(PN, BLOCK), B * H)](sg, decg, S0 if S0 is not None else self.final, self.final,
+        BLOCK = min(512, next_pow2(PN))
+        _state_scan_kernel[(cdiv(PN, BLOCK), B * H)](sg, decg, S0 if S0 is not None else self.final, self.final,
                                                            self.ng, PN, HAS_S0=S0 is not None, BLOCK=BLOCK,
                                                            NC_STATIC=static_loop(self.ng), num_warps=4)
         return sg, True, False
@@ -730,7 +731,7 @@ def prep_qk(q, k, dt, trap, q_bias, k_bias, angles, D, th0, rows, dtype):
     sa = (angles.stride(0), angles.stride(1), 0 if angles.dim() == 3 else angles.stride(2))
     qb, kb = q_bias.float().contiguous(), k_bias.float().contiguous()
     angles_, th0_ = nonempty(angles, dt), nonempty(th0, dt)
-    BN2 = max(16, triton.next_power_of_2(N)) // 2
+    BN2 = max(16, next_pow2(N)) // 2
     _prep_qk_kernel[(nblk, B * H)](q, k, qb, kb, dt, trap, angles_, th0_, D if D is not None else skip, QS, KS, skip,
                                    T, H, G, nblk, N, S, *q.stride()[:3], *dt.stride(), *sa,
                                    HAS_D=D is not None, ROWS=rows, BLOCK_N2=BN2,

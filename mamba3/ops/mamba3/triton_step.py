@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ..launch import fast_launch
+from ..utils import next_pow2
 
 from .common import Mamba3State
 from .triton_siso import check_power_of_two, check_triton_inputs
@@ -170,7 +171,7 @@ def mamba3_siso_step_triton(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z,
     ang_sb, ang_sh = (angles.stride(0), 0) if angles.dim() == 2 else (angles.stride(0), angles.stride(1))
     y = torch.empty(B, H, P, device=v.device, dtype=v.dtype)
     qb, kb = q_bias.float().contiguous(), k_bias.float().contiguous()
-    BN, BP = triton.next_power_of_2(max(N, 2)), triton.next_power_of_2(P)
+    BN, BP = next_pow2(max(N, 2)), next_pow2(P)
     nw0, pb0, sp0 = step_launch(B * H, BP, BN, state.ssm.element_size())
     sp = min(BP, split or sp0)
     cnt = _counters(v.device, B * H) if sp > 1 else y
