@@ -323,22 +323,25 @@ def _interleave(e, o, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr):
 @fast_launch
 @triton.jit
 def _phase_sums_kernel(DT, ANG, SUMS, T, H, nc, S, sdb, sdt, sdh, sab, sat, sah,
-                       CHUNK: tl.constexpr, BPP: tl.constexpr, BLOCK_S: tl.constexpr):
+                       CHUNK: tl.constexpr, BPP: tl.constexpr, BLOCK_S: tl.constexpr, HPP: tl.constexpr):
     """SUMS[b, h, c, s] = sum over block c (CHUNK rows) of dt_t pi tanh(angles_t[s]) (fp32), for
-    BPP consecutive blocks per program (one-block programs were launch-bound at 8-row blocks)."""
+    BPP consecutive blocks and HPP heads per program (one-block programs were launch-bound at 8-row
+    blocks; HPP > 1 only for angles shared by the heads, loaded and mapped through tanh once)."""
     c0 = tl.program_id(0) * BPP
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b = tl.program_id(1) // (H // HPP)
+    h0 = (tl.program_id(1) % (H // HPP)) * HPP
     t = c0 * CHUNK + tl.arange(0, BPP * CHUNK)
     i = tl.arange(0, BLOCK_S)
-    dt = tl.load(DT + b * sdb + t * sdt + h * sdh, mask=t < T, other=0.0).to(tl.float32)
-    raw = tl.load(ANG + b * sab + h * sah + t[:, None] * sat + i[None, :], mask=(t[:, None] < T) & (i[None, :] < S),
-                  other=0.0).to(tl.float32)
-    inc = tl.reshape(dt[:, None] * 3.141592653589793 * _tanh(raw), [BPP, CHUNK, BLOCK_S])
     c = c0 + tl.arange(0, BPP)
-    tl.store(SUMS + (bh * nc + c[:, None]) * S + i[None, :], tl.sum(inc, axis=1),
-             mask=(c[:, None] < nc) & (i[None, :] < S))
+    m = (t[:, None] < T) & (i[None, :] < S)
+    rate = 3.141592653589793 * _tanh(tl.load(ANG + b * sab + h0 * sah + t[:, None] * sat + i[None, :], mask=m,
+                                             other=0.0).to(tl.float32))
+    for hh in tl.static_range(HPP):
+        h = h0 + hh
+        dt = tl.load(DT + b * sdb + t * sdt + h * sdh, mask=t < T, other=0.0).to(tl.float32)
+        inc = tl.reshape(dt[:, None] * rate, [BPP, CHUNK, BLOCK_S])
+        tl.store(SUMS + ((b * H + h) * nc + c[:, None]) * S + i[None, :], tl.sum(inc, axis=1),
+                 mask=(c[:, None] < nc) & (i[None, :] < S))
 
 
 @triton.jit
@@ -349,10 +352,15 @@ def _phase_scan_block(SUMS, TH0, carry, bh, c0, nc, S, i, NCB: tl.constexpr):
     off = (bh * nc + r[:, None]) * S + i[None, :]
     x = tl.load(SUMS + off, mask=m, other=0.0).to(tl.float64)
     start = carry[None, :] + tl.cumsum(x, axis=0) - x
-    two_pi = 6.283185307179586
-    tl.store(TH0 + off, (start - two_pi * tl.floor(start / two_pi)).to(tl.float32), mask=m)
-    carry = carry + tl.sum(x, axis=0)
-    return carry - two_pi * tl.floor(carry / two_pi)
+    tl.store(TH0 + off, _wrap64(start).to(tl.float32), mask=m)
+    return _wrap64(carry + tl.sum(x, axis=0))
+
+
+@triton.jit
+def _wrap64(x):
+    """x mod 2 pi in fp64 by a multiply (an fp64 division is a long software sequence on the GPU;
+    a floor one ulp off leaves x one period away, the same angle)."""
+    return x - 6.283185307179586 * tl.floor(x * 0.15915494309189535)
 
 
 @fast_launch
@@ -378,6 +386,7 @@ def _phase_scan_kernel(SUMS, INIT, TH0, FIN, nc, S, HAS_INIT: tl.constexpr, NCB:
 
 
 PHASE_SCAN_TILE = 256   # most blocks per serial step of the phase scan
+PHASE_SUM_HEADS = 8     # heads per program of the phase sums (one tanh of shared angles for all of them)
 
 
 def chunk_start_phases(dt, angles, init_angle, chunk_size):
@@ -399,8 +408,9 @@ def chunk_start_phases(dt, angles, init_angle, chunk_size):
     if T > 0:
         sa = (angles.stride(0), angles.stride(1), 0 if angles.dim() == 3 else angles.stride(2))
         bpp = max(1, min(64 // chunk_size, next_pow2(nc)))   # ~64 rows per program
-        _phase_sums_kernel[(cdiv(nc, bpp), B * H)](dt, angles, sums, T, H, nc, S, *dt.stride(), *sa,
-                                                          CHUNK=chunk_size, BPP=bpp, BLOCK_S=BS, num_warps=4)
+        hpp = PHASE_SUM_HEADS if H % PHASE_SUM_HEADS == 0 and angles.dim() == 3 else 1
+        _phase_sums_kernel[(cdiv(nc, bpp), B * H // hpp)](dt, angles, sums, T, H, nc, S, *dt.stride(), *sa,
+                                                          CHUNK=chunk_size, BPP=bpp, BLOCK_S=BS, HPP=hpp, num_warps=4)
     init = init_angle.float().contiguous() if init_angle is not None else final
     NCB = min(PHASE_SCAN_TILE, max(16, next_pow2(nc)))  # blocks per serial step (fp64 tiles)
     BSS = BS                                             # pairs per scan program: split S to fill the GPU
@@ -624,6 +634,8 @@ GROUP_PREFETCH = True         # inference: v, skip, z one chunk ahead (H100 bf16
                               # 0.473 / 0.554 / 0.591 vs 0.504 / 0.586 / 0.622 ms); the training forward (SAVE) was
                               # slower with it
 GROUP_NUM_WARPS = 4           # H100: 4 warps beat 8 at every measured shape
+INFER_CORE_CHUNK = 32         # inference core chunk when batch x heads fills the GPU (H100, 8x2048: 0.439 vs 0.479
+                              # ms at 64; with chunk groups no better: gpu_fwd_chunk_regcap_variant_s12.json)
 
 
 def group_pipeline_depth(dtype: torch.dtype, device) -> int:
@@ -739,6 +751,15 @@ def prep_qk(q, k, dt, trap, q_bias, k_bias, angles, D, th0, rows, dtype):
     return QS, KS, skip
 
 
+def core_chunk(chunk_size: int, v, save: bool, groups) -> int:
+    """Chunk of the group core: INFER_CORE_CHUNK in inference where one group per (batch, head)
+    fills the GPU (no saved states, so the caller's chunk size need not be kept), else chunk_size."""
+    B, T, H = v.shape[:3]
+    if save or not INFER_CORE_CHUNK or chunk_size <= INFER_CORE_CHUNK or (groups or 1) > 1:
+        return chunk_size
+    return INFER_CORE_CHUNK if groups == 1 or choose_groups(cdiv(T, chunk_size), B * H) == 1 else chunk_size
+
+
 def mamba3_fused_fwd(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, th0, S0, chunk_size,
                      save_pre=False, dot_dtype=None, groups=None):
     """Mamba-3 SISO forward on raw inputs (contiguous; dA, dt, trap [B, T, H] with equal strides;
@@ -754,6 +775,6 @@ def mamba3_fused_fwd(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, th0, S
     dd = dot_dtype or v.dtype
     vk = v if v.dtype == dd else v.to(dd)
     QS, KS, skip = prep_qk(q, k, dt, trap, q_bias, k_bias, angles, D, th0, prep_rows(chunk_size), dd)
-    y, ypre, states, dec, final = ssd_group_fwd(QS, KS, vk, dA, skip, z, S0, chunk_size, out_dtype=v.dtype,
-                                                save=save_pre, groups=groups)
+    y, ypre, states, dec, final = ssd_group_fwd(QS, KS, vk, dA, skip, z, S0, core_chunk(chunk_size, v, save_pre, groups),
+                                                out_dtype=v.dtype, save=save_pre, groups=groups)
     return y, ((ypre, QS, KS, skip) if save_pre else None), states, dec, final
