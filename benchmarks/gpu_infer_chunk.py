@@ -1,6 +1,6 @@
-"""SISO inference forward with the group core at the caller's chunk (64) or at INFER_CORE_CHUNK (32)
-where one group per (batch, head) fills the GPU, config A, bf16, by CUDA graph, the two settings
-alternated twice; outputs compared before timing.
+"""SISO inference forward with the group output kernel at the caller's chunk (64) or at
+INFER_CORE_CHUNK (32; chunk groups and their state pre-pass keep 64), config A, bf16, by CUDA graph,
+the two settings alternated twice; outputs compared before timing.
 
     python benchmarks/gpu_infer_chunk.py --out $OUT/gpu_infer_chunk.json
 """
@@ -26,6 +26,7 @@ def fwd(xs):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="8x2048,4x2048,16x2048,2x8192,1x16384")
+    ap.add_argument("--chunks", default="32", help="output-kernel chunks to compare with the caller's 64")
     ap.add_argument("--out", default="gpu_infer_chunk.json")
     a = ap.parse_args()
     res = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=__import__("triton").__version__)
@@ -38,7 +39,7 @@ def main():
             fw.INFER_CORE_CHUNK = None
             y0, f0 = fwd(xs)
             for rnd in range(2):
-                for setting in (None, 32):
+                for setting in [None] + [int(c) for c in a.chunks.split(",")]:
                     fw.INFER_CORE_CHUNK = setting
                     y, f = fwd(xs)
                     key = f"chunk{setting or gk.CHUNK}"

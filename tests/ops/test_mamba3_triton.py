@@ -221,28 +221,28 @@ def test_chunk_group_layouts_match_reference(monkeypatch, target):
         assert rel(y2, y_ref) < 1e-4 and rel(fin2.ssm, fin_ref.ssm) < 1e-4
 
 
-def test_inference_core_chunk_rule_and_result(monkeypatch):
-    """Where one group per (batch, head) fills the GPU, inference runs the core at INFER_CORE_CHUNK
-    (here 16 under a caller's 32); training, several groups and smaller chunks keep the caller's."""
+@pytest.mark.parametrize("target", [1, 10**6])
+def test_inference_output_chunk_rule_and_result(monkeypatch, target):
+    """Inference walks the output kernel in chunks of INFER_CORE_CHUNK (here 16 under a caller's 32),
+    in one group or in chunk groups whose state pre-pass keeps the caller's chunk; training and
+    chunk sizes it does not divide keep the caller's."""
     from mamba3.ops.mamba3 import triton_siso_fwd as fw
     monkeypatch.setattr(fw, "INFER_CORE_CHUNK", 16)
-    v = torch.zeros(2, 83, 3, 8)
-    monkeypatch.setattr(fw, "GROUP_TARGET_PROGRAMS", 6)    # B x H = 6 fills it: one group
-    assert fw.core_chunk(32, v, False, None) == 16
-    assert fw.core_chunk(32, v, True, None) == 32 and fw.core_chunk(16, v, False, None) == 16
-    assert fw.core_chunk(32, v, False, 2) == 32
-    monkeypatch.setattr(fw, "GROUP_TARGET_PROGRAMS", 7)    # not filled: chunk groups
-    assert fw.core_chunk(32, v, False, None) == 32
-    monkeypatch.setattr(fw, "GROUP_TARGET_PROGRAMS", 1)
+    assert fw.infer_out_chunk(32, False) == 16
+    assert fw.infer_out_chunk(32, True) is None and fw.infer_out_chunk(16, False) is None
+    assert fw.infer_out_chunk(24, False) is None
+    monkeypatch.setattr(fw, "GROUP_TARGET_PROGRAMS", target)
     calls = []
-    group_fwd = fw.ssd_group_fwd
-    monkeypatch.setattr(fw, "ssd_group_fwd", lambda *a, **k: calls.append(a[7]) or group_fwd(*a, **k))
+    kernel = fw._core_group_out_kernel
+    monkeypatch.setattr(fw, "_core_group_out_kernel", type("K", (), {"__getitem__": lambda self, grid: (
+        lambda *a, **k: calls.append((k["CHUNK"], a[17])) or kernel[grid](*a, **k))})())
     xs = make_inputs(B=2, T=83, H=3, N=16, P=8, S=4, seed=6)
     init = make_state(2, 3, 8, 16, 4)
     y_ref, fin_ref = check_forward_backward(xs, 32, initial_state=init)
     with torch.no_grad():
         y, fin = mamba3_siso_triton(*xs.values(), initial_state=init, return_final_state=True, chunk_size=32)
-    assert calls == [32, 16]                                # the training forward, then inference
+    cpg = 3 if target == 1 else 1                           # chunks of 32 per group: one group, or one each
+    assert calls == [(32, cpg), (16, 2 * cpg)]              # the training forward, then inference
     assert rel(y, y_ref) < 1e-4 and rel(fin.ssm, fin_ref.ssm) < 1e-4
 
 

@@ -634,8 +634,8 @@ GROUP_PREFETCH = True         # inference: v, skip, z one chunk ahead (H100 bf16
                               # 0.473 / 0.554 / 0.591 vs 0.504 / 0.586 / 0.622 ms); the training forward (SAVE) was
                               # slower with it
 GROUP_NUM_WARPS = 4           # H100: 4 warps beat 8 at every measured shape
-INFER_CORE_CHUNK = 32         # inference core chunk when batch x heads fills the GPU (H100, 8x2048: 0.439 vs 0.479
-                              # ms at 64; with chunk groups no better: gpu_fwd_chunk_regcap_variant_s12.json)
+INFER_CORE_CHUNK = 32         # inference: chunk of the group output kernel (H100 fwd, 8x2048 / 2x8192 / 1x16384:
+                              # 0.442 / 0.513 / 0.538 vs 0.468 / 0.543 / 0.567 ms at 64, gpu_infer_chunk_s13b.json)
 
 
 def group_pipeline_depth(dtype: torch.dtype, device) -> int:
@@ -705,9 +705,11 @@ class _GroupRun:
         return self.y, keep(self.ypre), keep(self.states), keep(self.dec), self.final
 
 
-def ssd_group_fwd(Q, K, V, dA, skip, z, S0, chunk_size, *, out_dtype, save=False, groups=None):
+def ssd_group_fwd(Q, K, V, dA, skip, z, S0, chunk_size, *, out_dtype, save=False, groups=None, out_chunk=None):
     """SSD core in chunk groups. Q, K [B, T, H, N] and V [B, T, H, P] share one dtype (contiguous);
     dA [B, T, H] fp32; skip [B, T, H] fp32 or None (y += skip * V); z gate or None; S0 fp32 or None.
+    ``out_chunk`` (inference, dividing chunk_size): the output kernel walks each group in chunks of
+    that size (the groups and their state pre-pass keep chunk_size).
 
     Returns (y [B, T, H, P] in out_dtype, y before the gate or None, entering chunk states, chunk
     decays, final fp32 state); the pre-gate output, states and decays only when ``save``."""
@@ -717,11 +719,13 @@ def ssd_group_fwd(Q, K, V, dA, skip, z, S0, chunk_size, *, out_dtype, save=False
     grid = (r.ng, B * H)
     sin, has_sin, write_final = r.entering(S0, lambda sg, decg: _core_group_state_kernel[grid](
         K, V, dA, sg, decg, T, H, r.nc, N, P, r.cpg, *K.stride()[:3], *V.stride()[:3], *dA.stride(), **r.meta))
+    sub = 1 if save or not out_chunk else chunk_size // out_chunk    # output-kernel chunks per chunk
+    meta = dict(r.meta, CHUNK=chunk_size // sub, CPG_STATIC=static_loop(r.cpg * sub))
     _core_group_out_kernel[grid](Q, K, V, dA, skip if skip is not None else r.final, z if z is not None else r.y,
-                                 sin, r.states, r.dec, r.final, r.y, r.ypre, T, H, r.nc, N, P, r.cpg,
+                                 sin, r.states, r.dec, r.final, r.y, r.ypre, T, H, r.nc * sub, N, P, r.cpg * sub,
                                  *Q.stride()[:3], *V.stride()[:3], *dA.stride(), HAS_SIN=has_sin,
                                  WRITE_FINAL=write_final, HAS_SKIP=skip is not None, HAS_Z=z is not None, SAVE=save,
-                                 PREFETCH=GROUP_PREFETCH and not save, **r.meta)
+                                 PREFETCH=GROUP_PREFETCH and not save, **meta)
     return r.result()
 
 
@@ -751,13 +755,12 @@ def prep_qk(q, k, dt, trap, q_bias, k_bias, angles, D, th0, rows, dtype):
     return QS, KS, skip
 
 
-def core_chunk(chunk_size: int, v, save: bool, groups) -> int:
-    """Chunk of the group core: INFER_CORE_CHUNK in inference where one group per (batch, head)
-    fills the GPU (no saved states, so the caller's chunk size need not be kept), else chunk_size."""
-    B, T, H = v.shape[:3]
-    if save or not INFER_CORE_CHUNK or chunk_size <= INFER_CORE_CHUNK or (groups or 1) > 1:
-        return chunk_size
-    return INFER_CORE_CHUNK if groups == 1 or choose_groups(cdiv(T, chunk_size), B * H) == 1 else chunk_size
+def infer_out_chunk(chunk_size: int, save: bool):
+    """Chunk of the group output kernel in inference (no saved per-chunk states, so the caller's
+    chunk size need not be kept there): INFER_CORE_CHUNK where it divides chunk_size; else None."""
+    if save or not INFER_CORE_CHUNK or chunk_size <= INFER_CORE_CHUNK or chunk_size % INFER_CORE_CHUNK:
+        return None
+    return INFER_CORE_CHUNK
 
 
 def mamba3_fused_fwd(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, th0, S0, chunk_size,
@@ -775,6 +778,7 @@ def mamba3_fused_fwd(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, th0, S
     dd = dot_dtype or v.dtype
     vk = v if v.dtype == dd else v.to(dd)
     QS, KS, skip = prep_qk(q, k, dt, trap, q_bias, k_bias, angles, D, th0, prep_rows(chunk_size), dd)
-    y, ypre, states, dec, final = ssd_group_fwd(QS, KS, vk, dA, skip, z, S0, core_chunk(chunk_size, v, save_pre, groups),
-                                                out_dtype=v.dtype, save=save_pre, groups=groups)
+    y, ypre, states, dec, final = ssd_group_fwd(QS, KS, vk, dA, skip, z, S0, chunk_size, out_dtype=v.dtype,
+                                                save=save_pre, groups=groups,
+                                                out_chunk=infer_out_chunk(chunk_size, save_pre))
     return y, ((ypre, QS, KS, skip) if save_pre else None), states, dec, final
