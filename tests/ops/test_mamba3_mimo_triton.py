@@ -112,6 +112,7 @@ def test_forward_state_and_all_gradients_match_fp64_reference(R, chunk, G, H, no
     (2, 8, 2, 4, True, True, True, True),
     (4, 4, 1, 2, True, False, False, True),
     (4, 8, 2, 2, False, False, True, True),
+    (4, 16, 1, 2, False, False, True, True),      # 64 rows a chunk: the output kernel walks 32 (INFER_CORE_CHUNK)
 ])
 def test_inference_forward_fused_kernels_match_fp64_reference(R, chunk, G, H, norm, per_head, optional, init):
     """Without autograd impl="triton" runs the fused preparation / core / epilogue kernels

@@ -246,6 +246,21 @@ def test_inference_output_chunk_rule_and_result(monkeypatch, target):
     assert rel(y, y_ref) < 1e-4 and rel(fin.ssm, fin_ref.ssm) < 1e-4
 
 
+def test_group_pipeline_depth_rule(monkeypatch):
+    """Hopper-class shared memory: the training depth, the deeper inference one up to chunk 64;
+    fp32 operands and smaller parts: one stage."""
+    from mamba3.ops.mamba3 import triton_siso_fwd as fw
+    monkeypatch.setattr(fw, "INTERPRET", False)
+    monkeypatch.setattr(fw, "_smem_optin", lambda index: 227 * 1024)
+    depth = lambda *a, **k: fw.group_pipeline_depth(*a, **k)
+    assert depth(torch.bfloat16, "cuda:0") == fw.GROUP_NUM_STAGES
+    assert depth(torch.bfloat16, "cuda:0", inference=True) == fw.GROUP_NUM_STAGES_INFER
+    assert depth(torch.bfloat16, "cuda:0", inference=True, chunk=128) == fw.GROUP_NUM_STAGES
+    assert depth(torch.float32, "cuda:0", inference=True) == 1 and depth(torch.bfloat16, "cpu") == 1
+    monkeypatch.setattr(fw, "_smem_optin", lambda index: 99 * 1024)
+    assert depth(torch.bfloat16, "cuda:0", inference=True) == 1
+
+
 def test_mamba2_inference_matches_reference():
     """Mamba-2 on the SISO kernels without gradients (the inference layout of the group core)."""
     from mamba3.ops.mamba2 import ssd

@@ -22,7 +22,7 @@ import triton.language as tl
 from ..launch import fast_launch
 from ..utils import cdiv, next_pow2
 
-from .triton_siso_fwd import _row_coeffs, _row_phase, chunk_start_phases, nonempty, ssd_group_fwd
+from .triton_siso_fwd import _row_coeffs, _row_phase, chunk_start_phases, infer_out_chunk, nonempty, ssd_group_fwd
 
 MIMO_PREP_ROWS = 16   # tokens per program of the preparation (and the phase block size); H100, 8x2048,
 MIMO_PREP_WARPS = 4   # R=4 (gpu_mimo_fwd_sweep.py): 16 rows at 4 warps 0.90 ms, 8 rows at 1 warp 1.05
@@ -207,6 +207,6 @@ def mamba3_mimo_fused_fwd(q, k, v, dA, dt, trap, q_bias, k_bias, angles, mimo_x,
     QS, KS, X, W = mimo_prep(q, k, v, dt, trap, q_bias, k_bias, angles, mimo_x, D, th0, MIMO_PREP_ROWS, dot_dtype)
     dAx = F.pad(dA.float().unsqueeze(2), (0, 0, 0, R - 1)).reshape(B, T * R, H)
     yc, _, states, dec, final = ssd_group_fwd(QS, KS, X, dAx, None, None, S0, chunk_size * R, out_dtype=dot_dtype,
-                                              save=save)
+                                              save=save, out_chunk=infer_out_chunk(chunk_size * R, save))
     out = mimo_out(yc, v, mimo_x, W, z, mimo_z, mimo_o, norm_weight, eps)
     return out, final, final_angle, ((th0, QS, KS, X, W, yc, states, dec) if save else None)

@@ -630,21 +630,28 @@ PREP_ROWS = 8                 # tokens per program of the preparation kernels (a
 PREP_NUM_WARPS = 1            # H100: 8 rows in one warp (no barriers in the row sums and scans) beat 16 rows at 4
                               # warps in the backward preparation (0.45 vs 0.62 ms at 8x2048), equal here
 GROUP_NUM_STAGES = 2          # pipelining depth in bf16/fp16 (H100: 2 beat 1 and 3; 3 needs 123 KB smem)
+GROUP_NUM_STAGES_INFER = 3    # the same for the inference kernels (output kernel at chunk 32: 49 KB; H100 fwd 8x2048 /
+                              # 2x8192 / 1x16384 0.414 / 0.494 / 0.518 vs 0.442 / 0.514 / 0.537 ms at 2:
+                              # gpu_fwd_ab_s13a.json, where 3 stages in training made fwd+bwd 9 % slower)
 GROUP_PREFETCH = True         # inference: v, skip, z one chunk ahead (H100 bf16 fwd, 8x2048 / 2x8192 / 1x16384:
                               # 0.473 / 0.554 / 0.591 vs 0.504 / 0.586 / 0.622 ms); the training forward (SAVE) was
                               # slower with it
 GROUP_NUM_WARPS = 4           # H100: 4 warps beat 8 at every measured shape
 INFER_CORE_CHUNK = 32         # inference: chunk of the group output kernel (H100 fwd, 8x2048 / 2x8192 / 1x16384:
-                              # 0.442 / 0.513 / 0.538 vs 0.468 / 0.543 / 0.567 ms at 64, gpu_infer_chunk_s13b.json)
+                              # 0.442 / 0.513 / 0.538 vs 0.468 / 0.543 / 0.567 ms at 64; 16 slower:
+                              # gpu_infer_chunk_s13b.json, gpu_infer_chunk16_s13.json)
 
 
-def group_pipeline_depth(dtype: torch.dtype, device) -> int:
-    """GROUP_NUM_STAGES for 16-bit operands on a Hopper-class part (227 KB of shared memory per
-    block), else 1: fp32 at two stages needs 131 KB, and smaller parts gain little from it."""
+def group_pipeline_depth(dtype: torch.dtype, device, inference: bool = False, chunk: int = 64) -> int:
+    """GROUP_NUM_STAGES (GROUP_NUM_STAGES_INFER for the inference group kernels at chunks up to 64,
+    where the measured depth fits) for 16-bit operands on a Hopper-class part (227 KB of shared
+    memory per block), else 1: fp32 at two stages needs 131 KB, and smaller parts gain little."""
     device = torch.device(device)
     if dtype == torch.float32 or INTERPRET or device.type != "cuda":
         return 1
-    return GROUP_NUM_STAGES if _smem_optin(device.index or 0) >= 200 * 1024 else 1
+    if _smem_optin(device.index or 0) < 200 * 1024:
+        return 1
+    return GROUP_NUM_STAGES_INFER if inference and chunk <= 64 else GROUP_NUM_STAGES
 
 
 @functools.lru_cache(maxsize=None)
@@ -680,7 +687,7 @@ class _GroupRun:
                          BLOCK_P=max(16, next_pow2(P)), PREC=dot_precision(dot_dtype),
                          CPG_STATIC=static_loop(self.cpg))
         self.meta["num_warps"] = group_warps(self.meta["PREC"])
-        self.meta["num_stages"] = group_pipeline_depth(dot_dtype, dev)
+        self.meta["num_stages"] = group_pipeline_depth(dot_dtype, dev, inference=not save, chunk=chunk_size)
         self.shape = (B, H, P, N)
         self.save = save
 

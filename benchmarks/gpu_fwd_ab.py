@@ -1,0 +1,77 @@
+"""SISO forward (and with --train fwd+bwd) under settings of mamba3/ops/mamba3/triton_siso_fwd.py
+against the defaults, config A, bf16, by CUDA graph, the settings alternated ``--rounds`` times;
+outputs (and gradients) compared with the defaults' before timing.
+
+    python benchmarks/gpu_fwd_ab.py --set INFER_CORE_CHUNK=None --out $OUT/ab.json
+    python benchmarks/gpu_fwd_ab.py --set STATE_CHUNK_MULT=2 --set INFER_CORE_CHUNK=16 --train --out $OUT/ab.json
+
+Each ``--set NAME=VALUE`` (a Python literal) is one variant; "default" is the module as it stands.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import sys
+
+import torch
+from triton.testing import do_bench_cudagraph
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import benchmarks.gpu_kernels as gk  # noqa: E402
+import mamba3.ops.mamba3.triton_siso_fwd as fw  # noqa: E402
+
+
+def fwd(xs):
+    return gk.mamba3_siso_triton(*(xs[n] for n in gk.NAMES), chunk_size=gk.CHUNK, return_final_state=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="8x2048,2x8192,1x16384")
+    ap.add_argument("--set", action="append", default=[], help="NAME=VALUE, one variant each")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--train", action="store_true")
+    ap.add_argument("--out", default="gpu_fwd_ab.json")
+    a = ap.parse_args()
+    variants = {"default": None}
+    for item in a.set:
+        name, value = item.split("=", 1)
+        getattr(fw, name)                                  # an existing setting
+        variants[item] = (name, ast.literal_eval(value))
+    res = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=__import__("triton").__version__)
+    for shape in a.shapes.split(","):
+        B, T = map(int, shape.split("x"))
+        xs = gk.inputs(B, T)
+        _, leaves, step = gk.siso_step(B, T, seed=5)
+        row = {}
+        with torch.no_grad():
+            y0, f0 = fwd(xs)
+        step()
+        g0 = [leaves[n].grad.clone() for n in gk.NAMES]
+        for _ in range(a.rounds):
+            for key, setting in variants.items():
+                old = None if setting is None else getattr(fw, setting[0])
+                if setting is not None:
+                    setattr(fw, setting[0], setting[1])
+                with torch.no_grad():
+                    y, f = fwd(xs)
+                    row["rel_" + key] = max(gk.rel(y, y0), gk.rel(f.ssm, f0.ssm))
+                    row.setdefault("fwd_" + key, []).append(do_bench_cudagraph(lambda: fwd(xs), return_mode="median"))
+                if a.train:
+                    step()
+                    row["grad_rel_" + key] = max(gk.rel(leaves[n].grad, g) for n, g in zip(gk.NAMES, g0))
+                    row.setdefault("fwdbwd_" + key, []).append(do_bench_cudagraph(step, return_mode="median"))
+                if setting is not None:
+                    setattr(fw, setting[0], old)
+        res[shape] = row
+        print(shape, json.dumps(row), flush=True)
+    assert all(v < 1e-2 for r in res.values() if isinstance(r, dict) for k, v in r.items() if "rel_" in k)
+    with open(a.out, "w") as f:
+        json.dump(res, f, indent=1)
+    print("wrote", a.out)
+
+
+if __name__ == "__main__":
+    main()
