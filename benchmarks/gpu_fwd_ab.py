@@ -5,7 +5,8 @@ outputs (and gradients) compared with the defaults' before timing.
     python benchmarks/gpu_fwd_ab.py --set INFER_CORE_CHUNK=None --out $OUT/ab.json
     python benchmarks/gpu_fwd_ab.py --set STATE_CHUNK_MULT=2 --set INFER_CORE_CHUNK=16 --train --out $OUT/ab.json
 
-Each ``--set NAME=VALUE`` (a Python literal) is one variant; "default" is the module as it stands.
+Each ``--set NAME=VALUE[;NAME=VALUE...]`` (Python literals) is one variant; "default" is the module
+as it stands.
 """
 from __future__ import annotations
 
@@ -37,9 +38,10 @@ def main():
     a = ap.parse_args()
     variants = {"default": None}
     for item in a.set:
-        name, value = item.split("=", 1)
-        getattr(fw, name)                                  # an existing setting
-        variants[item] = (name, ast.literal_eval(value))
+        pairs = [part.split("=", 1) for part in item.split(";")]
+        for name, _ in pairs:
+            getattr(fw, name)                              # an existing setting
+        variants[item] = [(name, ast.literal_eval(value)) for name, value in pairs]
     res = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=__import__("triton").__version__)
     for shape in a.shapes.split(","):
         B, T = map(int, shape.split("x"))
@@ -52,9 +54,9 @@ def main():
         g0 = [leaves[n].grad.clone() for n in gk.NAMES]
         for _ in range(a.rounds):
             for key, setting in variants.items():
-                old = None if setting is None else getattr(fw, setting[0])
-                if setting is not None:
-                    setattr(fw, setting[0], setting[1])
+                old = [(name, getattr(fw, name)) for name, _ in setting or []]
+                for name, value in setting or []:
+                    setattr(fw, name, value)
                 with torch.no_grad():
                     y, f = fwd(xs)
                     row["rel_" + key] = max(gk.rel(y, y0), gk.rel(f.ssm, f0.ssm))
@@ -63,8 +65,8 @@ def main():
                     step()
                     row["grad_rel_" + key] = max(gk.rel(leaves[n].grad, g) for n, g in zip(gk.NAMES, g0))
                     row.setdefault("fwdbwd_" + key, []).append(do_bench_cudagraph(step, return_mode="median"))
-                if setting is not None:
-                    setattr(fw, setting[0], old)
+                for name, value in old:
+                    setattr(fw, name, value)
         res[shape] = row
         print(shape, json.dumps(row), flush=True)
     assert all(v < 1e-2 for r in res.values() if isinstance(r, dict) for k, v in r.items() if "rel_" in k)
