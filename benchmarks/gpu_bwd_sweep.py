@@ -34,6 +34,13 @@ VARIANTS = {
     "cols64_w8_s2": dict(BWD_COLS=64, BWD_NUM_WARPS=8, BWD_NUM_STAGES=2),
     "walk_split2": dict(WALK_MIN_PROGRAMS=0, WALK_P_SPLIT=2),
     "walk_split4": dict(WALK_MIN_PROGRAMS=0, WALK_P_SPLIT=4),
+    "walk_stages3": dict(WALK_NUM_STAGES=3),
+    "walk_stages4": dict(WALK_NUM_STAGES=4),
+    "walk_stages3_split1": dict(WALK_NUM_STAGES=3, WALK_P_SPLIT=1),
+    "walk_split1": dict(WALK_P_SPLIT=1),
+    "walk_split2": dict(WALK_P_SPLIT=2),
+    "walk_small2": dict(WALK_SMALL_P_SPLIT=2),
+    "walk_small8": dict(WALK_SMALL_P_SPLIT=8),
 }
 
 

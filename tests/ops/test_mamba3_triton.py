@@ -163,6 +163,7 @@ def test_state_gradient_walk_matches_reference(monkeypatch, P, final_grad):
     without a final-state gradient; T = 83 ends in a partial chunk."""
     from mamba3.ops.mamba3 import triton_siso_bwd as bw
     monkeypatch.setattr(bw, "WALK_MIN_PROGRAMS", 1)
+    monkeypatch.setattr(bw, "WALK_P_SPLIT", 2)
     xs = make_inputs(B=2, T=83, G=1, H=2, N=16, P=P, S=4, seed=41)
     init = make_state(2, 2, P, 16, 4, seed=42)
     x64, y_ref, fin_ref = reference64(xs, initial_state=init)
@@ -512,8 +513,8 @@ def test_middle_sum_kernel(shape):
 
 
 def test_walk_split_rule():
-    """The state-gradient pass: a walk with 2 P blocks from 128 (batch, head) pairs, 4 from 64,
-    chunk-parallel below; never blocks under 16 rows of P."""
+    """The state-gradient pass: a walk with all of P per program from 128 (batch, head) pairs, 4 P
+    blocks from 64, chunk-parallel below; never blocks under 16 rows of P."""
     from mamba3.ops.mamba3.triton_siso_bwd import walk_split
-    assert [walk_split(bh, 64) for bh in (256, 128, 127, 64, 63, 32)] == [2, 2, 4, 4, 0, 0]
+    assert [walk_split(bh, 64) for bh in (256, 128, 127, 64, 63, 32)] == [1, 1, 4, 4, 0, 0]
     assert walk_split(64, 32) == 2 and walk_split(64, 16) == 1 and walk_split(256, 16) == 1

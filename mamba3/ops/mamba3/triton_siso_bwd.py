@@ -142,7 +142,9 @@ WALK_MIN_PROGRAMS = 128   # batch x heads from which the state-gradient pass is 
                           # (batch, head) instead of the chunk-parallel local sums + scan (H100, config A,
                           # benchmarks/gpu_state_grad_walk.py: pass 0.085 vs 0.155 ms at B x H = 128, 0.24
                           # vs 0.23 at 64)
-WALK_P_SPLIT = 2          # programs per (batch, head) of the walk, each a block of P rows
+WALK_P_SPLIT = 1          # programs per (batch, head) of the walk, each a block of P rows (H100 fwd+bwd, 8x2048 /
+                          # 16x2048: 1.81 / 3.52 ms vs 1.86 / 3.63 at 2, equal at 4x2048: gpu_bwd_sweep_s13c.json)
+WALK_NUM_STAGES = 2       # its pipelining depth with 16-bit operands
 WALK_SMALL_MIN = 64       # from 64 on (below WALK_MIN_PROGRAMS) the walk with WALK_SMALL_P_SPLIT P blocks
 WALK_SMALL_P_SPLIT = 4    # (H100, 2x8192, fwd+bwd 2.10 vs 2.13 ms; at 1x16384, 32 (b, h), 2.30 vs 2.27: not
                           # there; benchmarks/results/gpu_bwd_sweep_s10.json)
@@ -312,7 +314,7 @@ def ssd_core_bwd(Q, K, V, dA, dY, states, dec, dSF, chunk_size: int, skip=None, 
         _dstate_walk_kernel[(B * H, ps)](Q, dY, dA, dec, gs, dsf, dS0, T, H, nc, N, P, *Q.stride()[:3],
                                          *dY.stride()[:3], *dA.stride(), HAS_DSF=dSF is not None, CHUNK=C,
                                          BLOCK_N=BN, BLOCK_P=BP // ps, PREC=prec, NC_STATIC=static_loop(nc),
-                                         num_warps=nw, num_stages=1 if Q.dtype == torch.float32 else 2)
+                                         num_warps=nw, num_stages=1 if Q.dtype == torch.float32 else WALK_NUM_STAGES)
     else:
         _chunk_dstate_kernel[(nc, B * H)](Q, dY, dA, gs, T, H, nc, N, P, *Q.stride()[:3], *dY.stride()[:3],
                                           *dA.stride(), CHUNK=C, BLOCK_N=BN, BLOCK_P=BP, PREC=prec,
