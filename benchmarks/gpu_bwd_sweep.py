@@ -13,7 +13,6 @@ import json
 import os
 import sys
 
-import torch
 from triton.testing import do_bench_cudagraph
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -38,7 +37,7 @@ VARIANTS = {
     "walk_stages4": dict(WALK_NUM_STAGES=4),
     "walk_stages3_split1": dict(WALK_NUM_STAGES=3, WALK_P_SPLIT=1),
     "walk_split1": dict(WALK_P_SPLIT=1),
-    "walk_split2": dict(WALK_P_SPLIT=2),
+    "walk_p2": dict(WALK_P_SPLIT=2),     # "walk_split2" in gpu_bwd_sweep_s13d.json
     "walk_small2": dict(WALK_SMALL_P_SPLIT=2),
     "walk_small8": dict(WALK_SMALL_P_SPLIT=8),
 }
@@ -75,7 +74,7 @@ def main():
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out", default="bwd_sweep.json")
     a = ap.parse_args()
-    out = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=__import__("triton").__version__)
+    out = gk.versions()
     for shape in a.shapes.split(","):
         B, T = (int(v) for v in shape.split("x"))
         out[shape] = one_shape(B, T, a.variants.split(","))

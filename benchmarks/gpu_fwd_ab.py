@@ -24,8 +24,7 @@ import benchmarks.gpu_kernels as gk  # noqa: E402
 import mamba3.ops.mamba3.triton_siso_fwd as fw  # noqa: E402
 
 
-def fwd(xs):
-    return gk.mamba3_siso_triton(*(xs[n] for n in gk.NAMES), chunk_size=gk.CHUNK, return_final_state=True)
+fwd = gk.siso_fwd
 
 
 def main():
@@ -42,7 +41,7 @@ def main():
         for name, _ in pairs:
             getattr(fw, name)                              # an existing setting
         variants[item] = [(name, ast.literal_eval(value)) for name, value in pairs]
-    res = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=__import__("triton").__version__)
+    res = gk.versions()
     for shape in a.shapes.split(","):
         B, T = map(int, shape.split("x"))
         xs = gk.inputs(B, T)

@@ -21,8 +21,7 @@ import benchmarks.gpu_kernels as gk  # noqa: E402
 import mamba3.ops.mamba3.triton_siso_fwd as fw  # noqa: E402
 
 
-def fwd(xs):
-    return gk.mamba3_siso_triton(*(xs[n] for n in gk.NAMES), chunk_size=gk.CHUNK, return_final_state=True)
+fwd = gk.siso_fwd
 
 
 def main():
@@ -30,7 +29,7 @@ def main():
     ap.add_argument("--shapes", default="8x2048,2x8192,1x16384")
     ap.add_argument("--out", default="gpu_fwd_prefetch.json")
     a = ap.parse_args()
-    res = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=__import__("triton").__version__)
+    res = gk.versions()
     defaults = fw.GROUP_PREFETCH, fw.GROUP_NUM_STAGES
     for shape in a.shapes.split(","):
         B, T = map(int, shape.split("x"))

@@ -80,6 +80,16 @@ def siso_step(B, T, seed=1):
     return xs, leaves, step
 
 
+def versions() -> dict:
+    """GPU name and torch / triton versions, the head of every results file."""
+    return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
+
+
+def siso_fwd(xs):
+    """Our SISO forward on :func:`inputs` (chunk CHUNK), with the final state."""
+    return mamba3_siso_triton(*(xs[n] for n in NAMES), chunk_size=CHUNK, return_final_state=True)
+
+
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 

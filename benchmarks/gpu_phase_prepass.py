@@ -25,7 +25,7 @@ def main():
     ap.add_argument("--shapes", default="8x2048,2x8192,1x16384")
     ap.add_argument("--out", default="gpu_phase_prepass.json")
     a = ap.parse_args()
-    res = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=__import__("triton").__version__)
+    res = gk.versions()
     default = fw.PHASE_SUM_HEADS
     rows = fw.prep_rows(gk.CHUNK)
     for shape in a.shapes.split(","):
