@@ -322,8 +322,8 @@ def ssd_core_bwd(Q, K, V, dA, dY, states, dec, dSF, chunk_size: int, skip=None, 
         PN = P * N
         BLOCK = scan_block(PN, B * H)
         _dstate_scan_kernel[(cdiv(PN, BLOCK), B * H)](gs, dec, dsf, dS0, nc, PN,
-                                                            HAS_DSF=dSF is not None, BLOCK=BLOCK,
-                                                            NC_STATIC=static_loop(nc), num_warps=4)
+                                                      HAS_DSF=dSF is not None, BLOCK=BLOCK,
+                                                      NC_STATIC=static_loop(nc), num_warps=4)
     nsplit, bwd_nw, stages = bwd_layout(Q.dtype, BN, nw, deep=group_pipeline_depth(Q.dtype, Q.device) > 1)
     # dQ/dK/dV/ddA are fresh contiguous tensors with Q/K/V/dA's shapes, so the same strides apply
     _chunk_bwd_kernel[(nc, B * H)](Q, K, V, dA, dY, states, gs, ddA if skip is None else skip,
@@ -377,9 +377,9 @@ def gate_bwd(dy, z, ypre, v, do_dtype, skip_sum=True):
     BM = max(1, 4096 // BP)
     if M:
         _gate_bwd_kernel[(cdiv(M, BM),)](dy, dy if z is None else z, dy if z is None else ypre, v, do,
-                                               do if dz is None else dz, do if dskip is None else dskip, M, P,
-                                               HAS_Z=z is not None, SKIP_SUM=skip_sum, BLOCK_M=BM, BLOCK_P=BP,
-                                               num_warps=8)
+                                         do if dz is None else dz, do if dskip is None else dskip, M, P,
+                                         HAS_Z=z is not None, SKIP_SUM=skip_sum, BLOCK_M=BM, BLOCK_P=BP,
+                                         num_warps=8)
     return do, dz, dskip
 
 
@@ -651,7 +651,7 @@ def middle_sum(x: torch.Tensor) -> torch.Tensor:
         return y.zero_()
     BM, BK = 128, 32
     _middle_sum_kernel[(cdiv(K, BK), A)](x, y, M, K, BLOCK_M=BM, BLOCK_K=BK,
-                                                NM_STATIC=static_loop(cdiv(M, BM)), num_warps=4)
+                                         NM_STATIC=static_loop(cdiv(M, BM)), num_warps=4)
     return y
 
 

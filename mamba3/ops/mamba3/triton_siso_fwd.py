@@ -225,8 +225,8 @@ def ssd_core_fwd(Q, K, V, dA, S0, chunk_size: int, state_dtype=None):
     BLOCK = min(512, next_pow2(PN))
     s0 = S0 if S0 is not None else final
     _state_scan_kernel[(cdiv(PN, BLOCK), B * H)](states, dec, s0, final, nc, PN,
-                                                       HAS_S0=S0 is not None, BLOCK=BLOCK,
-                                                       NC_STATIC=static_loop(nc), num_warps=4)
+                                                 HAS_S0=S0 is not None, BLOCK=BLOCK,
+                                                 NC_STATIC=static_loop(nc), num_warps=4)
     _chunk_out_kernel[(nc, B * H)](Q, K, V, dA, states, y, T, H, nc, N, P,
                                    *Q.stride()[:3], *K.stride()[:3], *V.stride()[:3], *dA.stride(),
                                    *y.stride()[:3],
@@ -703,8 +703,8 @@ class _GroupRun:
         PN = P * N
         BLOCK = min(512, next_pow2(PN))
         _state_scan_kernel[(cdiv(PN, BLOCK), B * H)](sg, decg, S0 if S0 is not None else self.final, self.final,
-                                                           self.ng, PN, HAS_S0=S0 is not None, BLOCK=BLOCK,
-                                                           NC_STATIC=static_loop(self.ng), num_warps=4)
+                                                     self.ng, PN, HAS_S0=S0 is not None, BLOCK=BLOCK,
+                                                     NC_STATIC=static_loop(self.ng), num_warps=4)
         return sg, True, False
 
     def result(self):
