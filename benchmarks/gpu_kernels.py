@@ -196,7 +196,8 @@ def breakdown(xs, row):
                 fw.GROUP_TARGET_PROGRAMS = target
                 row[f"part_core_w{nw}_t{target}"] = do_bench(
                     lambda: fw.ssd_group_fwd(QS, KS, xs["v"], xs["dA"], skip, xs["z"], None, CHUNK,
-                                             out_dtype=torch.bfloat16), return_mode="median")
+                                             out_dtype=torch.bfloat16, out_chunk=fw.infer_out_chunk(CHUNK, False)),
+                    return_mode="median")
             fw.GROUP_TARGET_PROGRAMS = 264
             row[f"part_core_save_w{nw}"] = do_bench(
                 lambda: fw.ssd_group_fwd(QS, KS, xs["v"], xs["dA"], skip, xs["z"], None, CHUNK,
