@@ -1,5 +1,6 @@
 """SISO forward (and with --train fwd+bwd) under settings of mamba3/ops/mamba3/triton_siso_fwd.py
-against the defaults, config A, bf16, by CUDA graph, the settings alternated ``--rounds`` times;
+(or triton_siso_bwd.py / triton_siso.py, for names only they have) against the defaults, config A, bf16, by CUDA graph,
+the settings alternated ``--rounds`` times;
 outputs (and gradients) compared with the defaults' before timing.
 
     python benchmarks/gpu_fwd_ab.py --set INFER_CORE_CHUNK=None --out $OUT/ab.json
@@ -21,10 +22,20 @@ from triton.testing import do_bench_cudagraph
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import benchmarks.gpu_kernels as gk  # noqa: E402
+import mamba3.ops.mamba3.triton_siso as ts  # noqa: E402
+import mamba3.ops.mamba3.triton_siso_bwd as bw  # noqa: E402
 import mamba3.ops.mamba3.triton_siso_fwd as fw  # noqa: E402
 
 
 fwd = gk.siso_fwd
+
+
+def owner(name: str):
+    """The module that holds setting ``name`` (the forward's first)."""
+    for mod in (fw, bw, ts):
+        if hasattr(mod, name):
+            return mod
+    raise AttributeError(f"no setting {name} in triton_siso_fwd / triton_siso_bwd / triton_siso")
 
 
 def main():
@@ -39,7 +50,7 @@ def main():
     for item in a.set:
         pairs = [part.split("=", 1) for part in item.split(";")]
         for name, _ in pairs:
-            getattr(fw, name)                              # an existing setting
+            owner(name)                                    # an existing setting
         variants[item] = [(name, ast.literal_eval(value)) for name, value in pairs]
     res = gk.versions()
     for shape in a.shapes.split(","):
@@ -53,9 +64,9 @@ def main():
         g0 = [leaves[n].grad.clone() for n in gk.NAMES]
         for _ in range(a.rounds):
             for key, setting in variants.items():
-                old = [(name, getattr(fw, name)) for name, _ in setting or []]
+                old = [(name, getattr(owner(name), name)) for name, _ in setting or []]
                 for name, value in setting or []:
-                    setattr(fw, name, value)
+                    setattr(owner(name), name, value)
                 with torch.no_grad():
                     y, f = fwd(xs)
                     row["rel_" + key] = max(gk.rel(y, y0), gk.rel(f.ssm, f0.ssm))
@@ -65,7 +76,7 @@ def main():
                     row["grad_rel_" + key] = max(gk.rel(leaves[n].grad, g) for n, g in zip(gk.NAMES, g0))
                     row.setdefault("fwdbwd_" + key, []).append(do_bench_cudagraph(step, return_mode="median"))
                 for name, value in old:
-                    setattr(fw, name, value)
+                    setattr(owner(name), name, value)
         res[shape] = row
         print(shape, json.dumps(row), flush=True)
     with open(a.out, "w") as f:

@@ -512,6 +512,14 @@ def test_middle_sum_kernel(shape):
     assert torch.allclose(got.double(), x.double().sum(1), rtol=1e-5, atol=1e-4)
 
 
+def test_prep_rows_rule(monkeypatch):
+    """Preparation row blocks: PREP_ROWS in inference, PREP_ROWS_TRAIN in training, never past the chunk."""
+    from mamba3.ops.mamba3 import triton_siso_fwd as fw
+    monkeypatch.setattr(fw, "PREP_ROWS", 8)
+    monkeypatch.setattr(fw, "PREP_ROWS_TRAIN", 4)
+    assert (fw.prep_rows(64), fw.prep_rows(64, train=True), fw.prep_rows(2), fw.prep_rows(2, train=True)) == (8, 4, 2, 2)
+
+
 def test_walk_split_rule():
     """The state-gradient pass: a walk with all of P per program from 128 (batch, head) pairs, 4 P
     blocks from 64, chunk-parallel below; never blocks under 16 rows of P."""
