@@ -501,11 +501,16 @@ def test_row_cumsum_kernel(shape):
     assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5 * (1 + want.abs().max().item() if x.numel() else 1))
 
 
-@pytest.mark.parametrize("shape", [(2, 300, 40), (1, 5, 7), (2, 0, 8), (3, 129, 1)])
-def test_middle_sum_kernel(shape):
+@pytest.mark.parametrize("shape,splits", [((2, 300, 40), 1), ((2, 300, 40), 3), ((1, 5, 7), 1), ((1, 5, 7), 8),
+                                          ((2, 0, 8), 2), ((3, 129, 1), 1)])
+def test_middle_sum_kernel(monkeypatch, shape, splits):
     """The bias-gradient partial sums: several row tiles with a partial last one, ragged columns,
-    no rows (zeros), one column."""
+    no rows (zeros), one column; the rows in one program or split over several (more splits than
+    rows included)."""
+    from mamba3.ops.mamba3 import triton_siso_bwd as bw
     from mamba3.ops.mamba3.triton_siso_bwd import middle_sum
+    monkeypatch.setattr(bw, "MIDDLE_SUM_SPLITS", splits)
+    monkeypatch.setattr(bw, "MIDDLE_SUM_ROWS", 32)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(4)).to(DEV)
     got = middle_sum(x)
     assert got.shape == (shape[0], shape[2]) and got.dtype == torch.float32
