@@ -48,16 +48,17 @@ def sweep(B, T, res):
                 xs["q"], xs["k"], xs["dt"], xs["trap"], xs["q_bias"], xs["k_bias"], xs["angles"], xs["D"], th0, rows,
                 torch.bfloat16), return_mode="median")
             row[f"prep_bwd_r{rows}_w{nw}"] = do_bench(lambda: bw.prep_bwd(
-                xs["q"], xs["k"], xs["q_bias"], xs["k_bias"], xs["dt"], xs["trap"], xs["angles"], th0, rows, dQ, dK,
-                dskip), return_mode="median")
+                xs["q"], xs["k"], xs["q_bias"], xs["k_bias"], xs["dt"], xs["trap"], xs["angles"], th0, rows, rows, dQ,
+                dK, dskip), return_mode="median")
     fw.PREP_NUM_WARPS, bw.PREP_BWD_NUM_WARPS = w0
     th0, _ = fw.chunk_start_phases(xs["dt"], xs["angles"], None, fw.PREP_ROWS)
+    br = min(bw.PREP_BWD_ROWS, fw.PREP_ROWS)
     p0 = bw.PREP_BWD_PROGRAMS
     for target in PROGRAMS:
         bw.PREP_BWD_PROGRAMS = target
         row[f"prep_bwd_programs{target}"] = do_bench(lambda: bw.prep_bwd(
-            xs["q"], xs["k"], xs["q_bias"], xs["k_bias"], xs["dt"], xs["trap"], xs["angles"], th0, fw.PREP_ROWS, dQ,
-            dK, dskip), return_mode="median")
+            xs["q"], xs["k"], xs["q_bias"], xs["k_bias"], xs["dt"], xs["trap"], xs["angles"], th0, fw.PREP_ROWS, br,
+            dQ, dK, dskip), return_mode="median")
     bw.PREP_BWD_PROGRAMS = p0
     Q, K = dQ.clone(), dK.clone()
     dy = torch.randn(B, T, gk.H, gk.P, device="cuda", dtype=torch.bfloat16)

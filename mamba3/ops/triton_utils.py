@@ -56,7 +56,7 @@ def launch_params(kernel: str, chunk: int, d_state: int, headdim: int, dtype=Non
     elif kernel == "step":
         BN, BP = next_pow2(max(N, 2)), next_pow2(P)
         return dict(BLOCK_N=BN, BLOCK_P=BP, P_BLOCK=BP, SPLIT=1, HAS_D=True, HAS_Z=True), (4 if BN * BP <= 8192 else 8)
-    elif kernel == "prep_bwd":  # triton_siso_fwd.PREP_ROWS_TRAIN, triton_siso_bwd.PREP_BWD_NUM_WARPS; HG heads per group
+    elif kernel == "prep_bwd":  # triton_siso_bwd.PREP_BWD_ROWS / PREP_BWD_NUM_WARPS; HG heads per q/k group
         return dict(ROWS=min(4, C), BLOCK_N2=max(32, next_pow2(N)) // 2, ANG_PER_HEAD=False, HG=4, HSPLIT=1), 1
     BN = max(16, next_pow2(N))
     const = dict(CHUNK=C, BLOCK_N=BN, BLOCK_P=BP)

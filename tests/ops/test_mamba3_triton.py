@@ -108,15 +108,18 @@ def test_initial_state_per_head_angles_groups_and_final_state_grad():
         assert rel(leaves[n].grad, x64[n].grad) < 1e-4, n
 
 
-@pytest.mark.parametrize("G,H,per_head,chunk", [(2, 6, False, 32), (3, 3, True, 16), (1, 3, False, 64),
-                                                 (2, 8, False, 32)])
-def test_group_head_sums_and_phase_chain_across_row_steps(monkeypatch, G, H, per_head, chunk):
+@pytest.mark.parametrize("G,H,per_head,chunk,bwd_rows", [(2, 6, False, 32, 4), (3, 3, True, 16, 4),
+                                                          (1, 3, False, 64, 8), (2, 8, False, 32, 4),
+                                                          (3, 3, True, 16, 8)])
+def test_group_head_sums_and_phase_chain_across_row_steps(monkeypatch, G, H, per_head, chunk, bwd_rows):
     """The preparation backward sums q/k gradients over each group's heads (3 per group: one
     program; 4 per group: split over programs, partial sums added after) and chains the phase
-    gradient across blocks of 8 rows and chunks (T = 83: partial last block and chunk); the serial
+    gradient across blocks of 4 or 8 rows and chunks (T = 83: partial last block and chunk; 4-row
+    blocks take the phase of the forward's 8-row blocks plus the rows before them); the serial
     phase scan takes several (partial) steps; the chunk backward walks the state in column blocks."""
     from mamba3.ops.mamba3 import triton_siso_bwd as bw
     from mamba3.ops.mamba3 import triton_siso_fwd as fw
+    monkeypatch.setattr(bw, "PREP_BWD_ROWS", bwd_rows)
     monkeypatch.setattr(bw, "PREP_BWD_PROGRAMS", 4096)    # split the heads wherever they divide
     monkeypatch.setattr(fw, "PHASE_SCAN_TILE", 4)         # 11 phase blocks: 3 scan steps
     monkeypatch.setattr(bw, "bwd_layout", lambda dtype, bn, nw, deep=False: (max(1, bn // 8), 4, None))  # N=16: 2 blocks
@@ -518,11 +521,15 @@ def test_middle_sum_kernel(monkeypatch, shape, splits):
 
 
 def test_prep_rows_rule(monkeypatch):
-    """Preparation row blocks: PREP_ROWS in inference, PREP_ROWS_TRAIN in training, never past the chunk."""
+    """Row blocks: the forward preparation's (and its phase blocks') PREP_ROWS, the backward
+    preparation's PREP_BWD_ROWS within them; never past the chunk."""
+    from mamba3.ops.mamba3 import triton_siso_bwd as bw
     from mamba3.ops.mamba3 import triton_siso_fwd as fw
     monkeypatch.setattr(fw, "PREP_ROWS", 8)
-    monkeypatch.setattr(fw, "PREP_ROWS_TRAIN", 4)
-    assert (fw.prep_rows(64), fw.prep_rows(64, train=True), fw.prep_rows(2), fw.prep_rows(2, train=True)) == (8, 4, 2, 2)
+    monkeypatch.setattr(bw, "PREP_BWD_ROWS", 4)
+    assert (fw.prep_rows(64), bw.prep_bwd_rows(64), fw.prep_rows(2), bw.prep_bwd_rows(2)) == (8, 4, 2, 2)
+    monkeypatch.setattr(bw, "PREP_BWD_ROWS", 16)
+    assert bw.prep_bwd_rows(64) == 8
 
 
 def test_walk_split_rule():

@@ -138,7 +138,7 @@ def test_launch_params_mirror_the_launchers(dtype):
     const, nw = tu.launch_params("prep_qk", C, N, P, dtype)
     assert (const["ROWS"], nw) == (fw.prep_rows(C), fw.PREP_NUM_WARPS)
     const, nw = tu.launch_params("prep_bwd", C, N, P, dtype)
-    assert (const["ROWS"], nw) == (fw.prep_rows(C, train=True), bw.PREP_BWD_NUM_WARPS)
+    assert (const["ROWS"], nw) == (bw.prep_bwd_rows(C), bw.PREP_BWD_NUM_WARPS)
     const, nw = tu.launch_params("chunk_bwd", C, N, P, dtype)
     prec = "ieee" if dtype == F32 else "tf32"
     assert (const["NSPLIT"], nw) == bw.bwd_layout(dtype, const["BLOCK_N"],   # a 99 KB part: not "deep"

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .common import Mamba3State, differentiable_final_phase, expand_groups, rotate_interleaved, siso_varlen
-from .triton_siso_bwd import gate_bwd, phase_dt_bwd, prep_bwd, ssd_core_bwd
+from .triton_siso_bwd import gate_bwd, phase_dt_bwd, prep_bwd, prep_bwd_rows, ssd_core_bwd
 from .triton_siso_fwd import INTERPRET, chunk_start_phases, mamba3_fused_fwd, prep_rows
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -89,7 +89,7 @@ def _forward(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state,
     # inside Function.forward needs_input_grad ignores no_grad: decide here whether to save
     train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
         q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, a0, s0, k0, v0))
-    th0, final_angle = chunk_start_phases(dt, angles, a0, prep_rows(chunk_size, train))  # per block of rows
+    th0, final_angle = chunk_start_phases(dt, angles, a0, prep_rows(chunk_size))  # per block of rows
     y, S = Mamba3SisoFn.apply(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, a0, s0, k0, v0, th0,
                               chunk_size, train)
     if not return_final_state:
@@ -155,9 +155,9 @@ class Mamba3SisoFn(torch.autograd.Function):
                                             skip=skip, dv_dtype=v.dtype,
                                             dqk_dtype=kd if QK_GRADS_16BIT else torch.float32,
                                             dskip_out=dskip)          # dv: + skip dO
-        rows = prep_rows(C, train=True)
+        rows = prep_bwd_rows(C)
         dq, dk, dtot, ddt_loc, dang_loc, dcs, dgamma, dqb, dkb = prep_bwd(q, k, q_bias, k_bias, dt, trap, angles,
-                                                                         th0, rows, dQ, dK, dskip)
+                                                                         th0, prep_rows(C), rows, dQ, dK, dskip)
         # c_t = gamma_t + u_{t+1}, u_t = (1 - lam_t) dt_t;  S0 = s0 + u_0 v0 k0^T (d u_0 from dS0)
         du0 = None if s0 is None else torch.einsum("bhpn,bhp,bhn->bh", dS0, v0.float(), k0.float())
         ddt, dtrap, dang, dtheta0 = phase_dt_bwd(dtot, ddt_loc, dang_loc, angles, dgamma, dcs, trap, dt, rows, du0)

@@ -18,8 +18,8 @@ from ..launch import fast_launch
 from ..utils import cdiv, next_pow2
 
 from .triton_siso_fwd import (_biased_pairs, _interleave, _load_chunk, _load_ell, _row_coeffs, _row_phase,
-                              _split_pairs, _cos_sin, _tanh, chunk_warps, dot_precision, group_pipeline_depth, nonempty, scan_block,
-                              static_loop)
+                              _split_pairs, _cos_sin, _tanh, chunk_warps, dot_precision, group_pipeline_depth, nonempty, prep_rows,
+                              scan_block, static_loop)
 
 
 @fast_launch
@@ -512,12 +512,13 @@ def _shared_rate(ANG, b, t, T, S, sab, sat, BLOCK_N2: tl.constexpr):
 
 @triton.jit
 def _head_rotation(ANG, TH0, dt, rate, b, h, t, T, S, H, nblk, blk, sab, sat, sah,
-                   ANG_PER_HEAD: tl.constexpr, BLOCK_N2: tl.constexpr):
-    """cos, sin [ROWS, BLOCK_N2] of head h's phase at rows t of block blk (TH0 [B, H, nblk, S]: the
-    phase entering each block) and the rate: loaded here for per-head angles, else ``rate``."""
+                   ANG_PER_HEAD: tl.constexpr, BLOCK_N2: tl.constexpr, start_off=0.0):
+    """cos, sin [ROWS, BLOCK_N2] of head h's phase at rows t, which follow the phase entering block
+    blk (TH0 [B, H, nblk, S]) plus ``start_off`` [BLOCK_N2], and the rate: loaded here for per-head
+    angles, else ``rate``."""
     i = tl.arange(0, BLOCK_N2)
     rot = i < S
-    start = tl.load(TH0 + ((b * H + h) * nblk + blk) * S + i, mask=rot, other=0.0)
+    start = tl.load(TH0 + ((b * H + h) * nblk + blk) * S + i, mask=rot, other=0.0) + start_off
     if ANG_PER_HEAD:
         cos, sin, rate = _row_phase(ANG, dt, b, h, t, T, S, sab, sat, sah, start, BLOCK_N2)
     else:
@@ -530,14 +531,15 @@ def _head_rotation(ANG, TH0, dt, rate, b, h, t, T, S, H, nblk, blk, sab, sat, sa
 @fast_launch
 @triton.jit
 def _prep_bwd_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, dQ, dK, DSKIP, DQ, DK, DTOT, DDTL, DANGL, DCS, DGAM, DQB,
-                     DKB, B, T, H, G, nblk, N, S, sqb, sqt, sqg, sdb, sdt, sdh, sab, sat, sah,
+                     DKB, B, T, H, G, nblk, nblk_th, N, S, sqb, sqt, sqg, sdb, sdt, sdh, sab, sat, sah,
                      ANG_PER_HEAD: tl.constexpr, HG: tl.constexpr, HSPLIT: tl.constexpr, ROWS: tl.constexpr,
-                     BLOCK_N2: tl.constexpr):
+                     BLOCK_N2: tl.constexpr, TH_SUB: tl.constexpr):
     """Back through the per-token preparation (bias, rotation, trapezoid scale, skip) of ROWS tokens
     of one (batch, q/k group), looping over HG / HSPLIT of the group's HG heads (program split sp).
 
-    In: dQ (rotated q) and dK (rotated, scaled k) [B, T, H, N], d(skip) [B, T, H], TH0 [B, H, nblk,
-    S] the phases entering each block. Out:
+    In: dQ (rotated q) and dK (rotated, scaled k) [B, T, H, N], d(skip) [B, T, H], TH0 [B, H, nblk_th,
+    S] the phases entering each block of the forward's TH_SUB * ROWS tokens (the rows of this block
+    that precede ours in it add their increments). Out:
       DQ, DK [HSPLIT, B, T, G, N] (DQ's dtype): the gradients of q, k, summed over the split's heads;
       DTOT [B, H, S, nblk]: the block's sum of d theta (d theta_t = the gradient of the phase at t),
       stored at block index nblk - 1 - blk (so a forward cumsum gives the sums over later blocks);
@@ -567,11 +569,26 @@ def _prep_bwd_kernel(Q, K, QB, KB, DT, TRAP, ANG, TH0, dQ, dK, DSKIP, DQ, DK, DT
     shared = acc_ang
     if not ANG_PER_HEAD:   # shared by the heads: the rate once per program
         shared = _shared_rate(ANG, b, t, T, S, sab, sat, BLOCK_N2)
+    # the rows of the forward's phase block before ours (ROWS of them for the odd half when TH_SUB = 2)
+    tp = t - ROWS
+    before = (tp >= 0) & (tp < T) & ((t * 0 + blk % TH_SUB) != 0)
+    shared_before = acc_ang
+    if TH_SUB > 1 and not ANG_PER_HEAD:
+        shared_before = _shared_rate(ANG, b, tl.where(before, tp, T), T, S, sab, sat, BLOCK_N2)
     for hl in range(HPS):
         h = g * HG + sp * HPS + hl
         dt, gamma, cs = _row_coeffs(DT, TRAP, b, h, t, T, sdb, sdt, sdh)
-        cos, sin, rate = _head_rotation(ANG, TH0, dt, shared, b, h, t, T, S, H, nblk, blk, sab, sat, sah,
-                                        ANG_PER_HEAD, BLOCK_N2)
+        off = tl.zeros([BLOCK_N2], dtype=tl.float32)
+        if TH_SUB > 1:
+            dtb = tl.load(DT + b * sdb + tp * sdt + h * sdh, mask=before, other=0.0).to(tl.float32)
+            if ANG_PER_HEAD:
+                rb = tl.load(ANG + b * sab + h * sah + tp[:, None] * sat + i[None, :],
+                             mask=before[:, None] & rot[None, :], other=0.0).to(tl.float32)
+                off = tl.sum(dtb[:, None] * (3.141592653589793 * _tanh(rb)), axis=0)
+            else:
+                off = tl.sum(dtb[:, None] * shared_before, axis=0)
+        cos, sin, rate = _head_rotation(ANG, TH0, dt, shared, b, h, t, T, S, H, nblk_th, blk // TH_SUB, sab, sat,
+                                        sah, ANG_PER_HEAD, BLOCK_N2, off)
         qe, qo = _biased_pairs(Q, QB, b, g, h, t, T, N, sqb, sqt, sqg, BLOCK_N2)
         ke, ko = _biased_pairs(K, KB, b, g, h, t, T, N, sqb, sqt, sqg, BLOCK_N2)
         row = ((b * T + t) * H + h) * N
@@ -670,6 +687,10 @@ def middle_sum(x: torch.Tensor) -> torch.Tensor:
     return y[0] if sp == 1 else y.sum(0)
 
 
+PREP_BWD_ROWS = 4        # tokens per program of the backward preparation: 4 rows hold half the registers of 8
+                         # (255 + 328 B of spills at 8); H100 fwd+bwd 8x2048 / 2x8192 1.78 / 1.99 ms vs 1.81 /
+                         # 2.02 at 8 rows, 2 rows 1.99 / 2.20 (gpu_fwd_ab_prep_rows_s14.json, measured with
+                         # the forward's phase blocks at the same rows)
 PREP_BWD_NUM_WARPS = 1   # H100, 8x2048: 8 rows in one warp 0.45 ms, 16 rows at 4 warps 0.62 (35 barriers per head)
 PREP_BWD_PROGRAMS = 1     # target programs for splitting a group's heads (H100, 8x2048: no split 0.62 ms,
                           # 2048: 0.66, 4096: 0.68, 8192: 0.73)
@@ -684,9 +705,16 @@ def head_splits(HG: int, programs: int, target: int = None) -> int:
     return sp
 
 
-def prep_bwd(q, k, q_bias, k_bias, dt, trap, angles, th0, rows, dQ, dK, dskip):
-    """Launch :func:`_prep_bwd_kernel` (raw inputs contiguous as in the forward; th0 [B, H, nblk, S]
-    the phases entering each block of ``rows`` tokens; grid (blocks, B*G*splits)). Returns (dq, dk
+def prep_bwd_rows(chunk_size: int) -> int:
+    """Tokens per program of the backward preparation (and of its phase-gradient blocks): PREP_BWD_ROWS,
+    at most the forward's phase block (:func:`prep_rows`), which it divides."""
+    return min(PREP_BWD_ROWS, prep_rows(chunk_size))
+
+
+def prep_bwd(q, k, q_bias, k_bias, dt, trap, angles, th0, th_rows, rows, dQ, dK, dskip):
+    """Launch :func:`_prep_bwd_kernel` (raw inputs contiguous as in the forward; th0 [B, H, nblk_th, S]
+    the phases entering each block of ``th_rows`` tokens; blocks of ``rows`` (dividing th_rows) tokens,
+    grid (blocks, B*G*splits)). Returns (dq, dk
     [B, T, G, N] in q's dtype; dtot [B, H, S, nblk] (blocks in reversed order), ddt_local [B, T, H],
     dang_local ([B, T, S], summed over the groups, or, with per-head angles, [B, T, H, S]), dc, dgamma
     [B, T, H], all fp32; the bias gradients
@@ -694,7 +722,8 @@ def prep_bwd(q, k, q_bias, k_bias, dt, trap, angles, th0, rows, dQ, dK, dskip):
     B, T, H = dt.shape
     G, N = q.shape[2], q.shape[3]
     S = angles.shape[-1]
-    nblk = th0.shape[2]
+    nblk = max(1, cdiv(T, rows))
+    assert th_rows % rows == 0 and th0.shape[2] == max(1, cdiv(T, th_rows)), "th0 blocks must be whole bwd blocks"
     per_head = angles.dim() == 4
     sp = head_splits(H // G, nblk * B * G)
     f32 = dict(device=dt.device, dtype=torch.float32)
@@ -711,9 +740,9 @@ def prep_bwd(q, k, q_bias, k_bias, dt, trap, angles, th0, rows, dQ, dK, dskip):
     _prep_bwd_kernel[(nblk, B * G * sp)](q, k, q_bias.float().contiguous(), k_bias.float().contiguous(), dt, trap,
                                          angles, th0, dQ, dK, dskip, dq, dk, dtot_, ddtl, dangl_, dcs, dgam,
                                          dqkb[0], dqkb[1],
-                                         B, T, H, G, nblk, N, S, *q.stride()[:3], *dt.stride(), *sa,
+                                         B, T, H, G, nblk, th0.shape[2], N, S, *q.stride()[:3], *dt.stride(), *sa,
                                          ANG_PER_HEAD=per_head, HG=H // G, HSPLIT=sp, ROWS=rows, BLOCK_N2=BN2,
-                                         num_warps=PREP_BWD_NUM_WARPS)
+                                         TH_SUB=th_rows // rows, num_warps=PREP_BWD_NUM_WARPS)
     if sp > 1:
         dq, dk = dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype)
     else:

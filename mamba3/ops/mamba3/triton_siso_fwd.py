@@ -627,10 +627,6 @@ def _core_group_out_kernel(Q, K, V, dA, SKIP, Z, SIN, ST, DEC, SF, Y, YPRE, T, H
 
 GROUP_TARGET_PROGRAMS = 132   # ~1 program per H100 SM; the group pre-pass runs only below this
 PREP_ROWS = 8                 # tokens per program of the preparation kernels (and of their phase blocks)
-PREP_ROWS_TRAIN = 4           # the same in training: the backward preparation at 4 rows holds half the registers
-                              # (H100 fwd+bwd 8x2048 / 2x8192 / 1x16384: 1.78 / 1.99 / 2.19 ms vs 1.81 / 2.02 / 2.18
-                              # at 8; 2 rows 1.99 / 2.20 / 2.41; inference at 4: fwd 1x16384 0.538 vs 0.519, the
-                              # phase scan over twice the blocks: gpu_fwd_ab_prep_rows_s14.json)
 PREP_NUM_WARPS = 1            # H100: 8 rows in one warp (no barriers in the row sums and scans) beat 16 rows at 4
                               # warps in the backward preparation (0.45 vs 0.62 ms at 8x2048), equal here
 GROUP_NUM_STAGES = 2          # pipelining depth in bf16/fp16 (H100: 2 beat 1 and 3; 3 needs 123 KB smem)
@@ -740,10 +736,9 @@ def ssd_group_fwd(Q, K, V, dA, skip, z, S0, chunk_size, *, out_dtype, save=False
     return r.result()
 
 
-def prep_rows(chunk_size: int, train: bool = False) -> int:
-    """Tokens per program of the preparation kernels, and so the block size of their phases:
-    PREP_ROWS in inference, PREP_ROWS_TRAIN when the backward's preparation follows."""
-    return min(PREP_ROWS_TRAIN if train else PREP_ROWS, chunk_size)
+def prep_rows(chunk_size: int) -> int:
+    """Tokens per program of the preparation kernels, and so the block size of their phases."""
+    return min(PREP_ROWS, chunk_size)
 
 
 def prep_qk(q, k, dt, trap, q_bias, k_bias, angles, D, th0, rows, dtype):
@@ -778,7 +773,7 @@ def infer_out_chunk(chunk_size: int, save: bool):
 def mamba3_fused_fwd(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, th0, S0, chunk_size,
                      save_pre=False, dot_dtype=None, groups=None):
     """Mamba-3 SISO forward on raw inputs (contiguous; dA, dt, trap [B, T, H] with equal strides;
-    th0 the phases entering each block of ``prep_rows(chunk_size, save_pre)`` tokens):
+    th0 the phases entering each block of ``prep_rows(chunk_size)`` tokens):
     the preparation pre-pass writes QS, KS, then the SSD core runs in chunk groups. (Preparing
     q, k inside the core loop instead was measured 2x slower on the H100: 255 registers and
     ~350 spilled per thread.)
@@ -789,7 +784,7 @@ def mamba3_fused_fwd(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, th0, S
     decays (for the backward) only when ``save_pre``."""
     dd = dot_dtype or v.dtype
     vk = v if v.dtype == dd else v.to(dd)
-    QS, KS, skip = prep_qk(q, k, dt, trap, q_bias, k_bias, angles, D, th0, prep_rows(chunk_size, save_pre), dd)
+    QS, KS, skip = prep_qk(q, k, dt, trap, q_bias, k_bias, angles, D, th0, prep_rows(chunk_size), dd)
     y, ypre, states, dec, final = ssd_group_fwd(QS, KS, vk, dA, skip, z, S0, chunk_size, out_dtype=v.dtype,
                                                 save=save_pre, groups=groups,
                                                 out_chunk=infer_out_chunk(chunk_size, save_pre))
