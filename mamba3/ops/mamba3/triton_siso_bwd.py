@@ -18,8 +18,8 @@ from ..launch import fast_launch
 from ..utils import cdiv, next_pow2
 
 from .triton_siso_fwd import (_biased_pairs, _interleave, _load_chunk, _load_ell, _row_coeffs, _row_phase,
-                              _split_pairs, _cos_sin, _tanh, chunk_warps, dot_precision, group_pipeline_depth, nonempty, prep_rows,
-                              scan_block, static_loop)
+                              _split_pairs, _cos_sin, _tanh, chunk_warps, dot_precision, group_pipeline_depth, nonempty,
+                              prep_rows, scan_block, static_loop)
 
 
 @fast_launch
