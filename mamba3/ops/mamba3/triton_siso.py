@@ -86,10 +86,10 @@ def _forward(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, initial_state,
                 v.new_zeros(B, H, q.shape[-1]), v.new_zeros(B, H, P))
         return v.new_zeros(B, 0, H, P), fin
     a0, s0, k0, v0 = initial_state if initial_state is not None else (None,) * 4
+    th0, final_angle = chunk_start_phases(dt, angles, a0, prep_rows(chunk_size))  # per block of rows
     # inside Function.forward needs_input_grad ignores no_grad: decide here whether to save
     train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
         q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, a0, s0, k0, v0))
-    th0, final_angle = chunk_start_phases(dt, angles, a0, prep_rows(chunk_size))  # per block of rows
     y, S = Mamba3SisoFn.apply(q, k, v, dA, dt, trap, q_bias, k_bias, angles, D, z, a0, s0, k0, v0, th0,
                               chunk_size, train)
     if not return_final_state:
